@@ -1,0 +1,57 @@
+"""User-facing configuration: `HierMoEConfig` (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+KERNELS = ("auto", "triton", "torch")
+SWAP_POLICIES = ("hierd", "load")
+_DISPATCH_RE = re.compile(r"^(auto|a2a|2dh|hd[1-9][0-9]*)$")
+
+
+@dataclass
+class HierMoEConfig:
+    """How `hiermoe_hf.patch` shards experts and exchanges tokens.
+
+    Args:
+        topology: level sizes outermost first (``[2, 4]``), a string ``"2x4"``, or None for
+            nodes x LOCAL_WORLD_SIZE from the launcher.
+        dispatch: "auto", "a2a", "2dh" or "hdD" (D = 1 .. number of levels).
+        kernels: "auto" (Triton on CUDA tensors when it imports), "triton" or "torch".
+        swap_interval: optimizer steps between expert swaps; 0 = never.
+        swap_policy: "hierd" (dedup-aware) or "load" (balance raw token counts).
+        cost_model: path of a calibration JSON, or None for the defaults.
+        swap_pairs: expert pairs exchanged per planning round.
+    """
+
+    topology: str | Sequence[int] | None = None
+    dispatch: str = "auto"
+    kernels: str = "auto"
+    swap_interval: int = 0
+    swap_policy: str = "hierd"
+    cost_model: str | None = None
+    swap_pairs: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dispatch, str) or not _DISPATCH_RE.match(self.dispatch):
+            raise ValueError(
+                f"unknown dispatch strategy {self.dispatch!r}; valid: 'auto', 'a2a', '2dh', 'hd1' .. 'hdD' "
+                "(D up to the number of topology levels)"
+            )
+        if self.kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {self.kernels!r}; valid: {', '.join(KERNELS)}")
+        if self.swap_policy not in SWAP_POLICIES:
+            raise ValueError(f"unknown swap_policy {self.swap_policy!r}; valid: {', '.join(SWAP_POLICIES)}")
+        if isinstance(self.swap_interval, bool) or not isinstance(self.swap_interval, int) or self.swap_interval < 0:
+            raise ValueError(f"swap_interval must be an integer >= 0 (0 = never), got {self.swap_interval!r}")
+        if isinstance(self.swap_pairs, bool) or not isinstance(self.swap_pairs, int) or self.swap_pairs < 1:
+            raise ValueError(f"swap_pairs must be an integer >= 1, got {self.swap_pairs!r}")
+        if self.cost_model is not None and not isinstance(self.cost_model, (str, os.PathLike)):
+            raise ValueError(f"cost_model must be a path to a calibration JSON or None, got {self.cost_model!r}")
+        if self.topology is not None:
+            from .topology import parse_levels
+
+            parse_levels(self.topology)  # raises on a malformed spec

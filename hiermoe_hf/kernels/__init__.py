@@ -1,0 +1,1 @@
+"""Dispatch kernels: plain-torch references (``reference``) and Triton versions (``triton_*``)."""
