@@ -1,0 +1,130 @@
+"""Hierarchical de-duplicated dispatch and its adjoint combine (DESIGN.md sections 4-6).
+
+Each stage is: local layout + pack -> one exchange in the stage's group -> rows on the next rank.
+``dispatch`` returns the received rows and a frozen ``DispatchHandle``; ``combine`` takes the expert
+outputs and the handle and walks the stages back, summing a token's partial rows at every stage.
+Both are compositions of differentiable gathers, scatter-adds and exchanges, so the backward of a
+dispatch stage is the reverse exchange with a sum and the backward of a combine stage a copy.
+
+Shapes: T tokens, K selections, H hidden, R rows at a stage's input, P packed rows, S group size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from .comm import ExchangeRows, ReturnRows, StageGroups, exchange_counts
+from .kernels.reference import StageLayout
+from .topology import Stage, Topology
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """What one layer's exchange needs: the stages of the chosen strategy and their groups."""
+
+    topology: Topology
+    rank: int
+    strategy: str
+    stages: tuple[Stage, ...]
+    groups: tuple[object, ...]
+    local_experts: int
+
+    @classmethod
+    def build(cls, topology: Topology, groups: StageGroups, strategy: str, local_experts: int) -> "ExchangePlan":
+        stages = topology.stages(strategy)
+        return cls(topology, groups.rank, strategy, stages, tuple(groups.get(s) for s in stages), local_experts)
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage as it ran: its layout, the row counts per member, and rows at its input."""
+
+    stage: Stage
+    group: object
+    layout: StageLayout
+    send: list[int]
+    recv: list[int]
+    num_rows_in: int
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """Everything ``combine`` needs to reverse ``dispatch``: the stage records, in dispatch order."""
+
+    records: tuple[StageRecord, ...]
+    num_tokens: int
+
+
+def dispatch(
+    x_TH: torch.Tensor, phys_TK: torch.Tensor, w_TK: torch.Tensor, plan: ExchangePlan, ops: SimpleNamespace
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle]:
+    """Send every token to the ranks holding its experts, once per destination group per stage.
+
+    Args:
+        x_TH: [T, H] hidden states (any float dtype).
+        phys_TK: int64 [T, K] physical expert id of each selection (rank = id // local_experts).
+        w_TK: [T, K] routing weights; they travel with the rows and receive gradients.
+        plan: the strategy's stages and groups.
+        ops: kernel namespace (``hiermoe_hf.kernels.select_ops``).
+    Returns:
+        x_RH [R, H], phys_RK int64 [R, K] (-1 for selections a row does not carry; every carried one
+        is local), w_RK [R, K] (0 where not carried), and the handle ``combine`` takes.
+    """
+    x, ids, w = x_TH, phys_TK, w_TK
+    records = []
+    for stage, group in zip(plan.stages, plan.groups):
+        dest_rank = torch.where(ids >= 0, ids // plan.local_experts, -1)
+        layout = ops.stage_layout(
+            dest_rank, plan.topology.stride(stage.hi), plan.topology.group_size(stage), stage.dedup
+        )
+        x_P = ops.pack_rows(x, layout.src_row_P)
+        ids_P, w_P = ops.pack_route(ids, w, layout.src_row_P, layout.mask_PK)
+        send = layout.send_counts_S
+        recv = send if group is None else exchange_counts(send, group)
+        send_l, recv_l = send.tolist(), recv.tolist()
+        records.append(StageRecord(stage, group, layout, send_l, recv_l, x.shape[0]))
+        if group is None:
+            x, w, ids = x_P, w_P, ids_P
+        else:
+            x, w, ids = ExchangeRows.apply(x_P, w_P, ids_P, send_l, recv_l, group)
+    return x, ids, w, DispatchHandle(tuple(records), x_TH.shape[0])
+
+
+def combine(y_RH: torch.Tensor, handle: DispatchHandle, ops: SimpleNamespace) -> torch.Tensor:
+    """Return the rows along the stages in reverse, summing a token's copies at every stage.
+
+    Args:
+        y_RH: [R, H] one row per row ``dispatch`` delivered, already weighted and summed over experts.
+        handle: from ``dispatch``.
+    Returns:
+        out_TH [T, H], in the order of dispatch's input.
+    """
+    y = y_RH
+    for rec in reversed(handle.records):
+        y_P = y if rec.group is None else ReturnRows.apply(y, rec.recv, rec.send, rec.group)
+        y = ops.unpack_sum(y_P, rec.layout.src_row_P, rec.num_rows_in)
+    return y
+
+
+def stage_stats(handle: DispatchHandle, plan: ExchangePlan, row_bytes: int, meta_row_bytes: int) -> list[dict]:
+    """Rows and bytes each stage moved to/from *other* ranks (the self split excluded), from real counts."""
+    out = []
+    for rec in handle.records:
+        me = int(plan.topology.member_of(plan.rank, rec.stage))
+        sent = sum(rec.send) - rec.send[me]
+        received = sum(rec.recv) - rec.recv[me]
+        out.append(
+            {
+                "name": rec.stage.name,
+                "group_size": plan.topology.group_size(rec.stage),
+                "rows_sent": sent,
+                "rows_received": received,
+                "bytes_sent": sent * row_bytes,
+                "meta_bytes_sent": sent * meta_row_bytes,
+                "max_peer_rows": max((c for i, c in enumerate(rec.send) if i != me), default=0),
+            }
+        )
+    return out
