@@ -57,10 +57,15 @@ def _a2a(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tens
     return out
 
 
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A copy with standard strides and offset 0, as ``Tensor.view(dtype)`` needs (also when empty)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _route_to_int(ids_PK: torch.Tensor, w_PK: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     """Ids and weights as one int32 tensor [P, K + K*c] (weights bit-cast, lossless)."""
     wide = torch.float64 if w_PK.dtype == torch.float64 else torch.float32
-    w_bits = w_PK.detach().to(wide).contiguous().view(torch.int32)
+    w_bits = _fresh(w_PK.detach().to(wide)).view(torch.int32)
     return torch.cat([ids_PK.to(torch.int32), w_bits], dim=1), wide
 
 
@@ -79,7 +84,7 @@ class ExchangeRows(torch.autograd.Function):
         route_P, wide = _route_to_int(ids_PK, w_PK)
         route_R = _a2a(route_P, send, recv, group)
         ids_RK = route_R[:, :K].to(torch.int64)
-        w_RK = route_R[:, K:].contiguous().view(wide).to(w_PK.dtype)
+        w_RK = _fresh(route_R[:, K:]).view(wide).to(w_PK.dtype)
         ctx.mark_non_differentiable(ids_RK)
         return x_RH, w_RK, ids_RK
 

@@ -71,7 +71,7 @@ class RankPool:
         return results
 
     def close(self, force: bool = False) -> None:
-        for c, p in zip(self._conns, self._procs):
+        for c in self._conns:
             try:
                 if not force:
                     c.send(None)
