@@ -1,0 +1,482 @@
+"""Alpha-beta cost model of the dispatch exchange (DESIGN.md section 7), and expected row counts.
+
+One collective in a group of S ranks whose largest per-peer message is m bytes costs
+``alpha + S * m * beta`` (every peer waits for the slowest pair); a group of one rank costs 0. A
+strategy's time is the sum over its stages, each stage taking the largest message over all ranks.
+Constants are per stage kind, keyed by the stage names of ``topology.py`` ("inter-node",
+"intra-node", "flat", "level-1", ...), and come from a calibration JSON
+(``python -m hiermoe_hf.calibrate``), a preset, or link-level defaults.
+
+Row counts come from simulating the layout: every token of every rank is walked through the
+stages exactly as the dispatcher packs it (one row per destination group member for de-duplicated
+stages, one per selection otherwise), which gives, per stage, int64 counts ``[W, S]``: rows that
+holder rank ``r`` sends to member ``m`` of its group (``m == member_of(r)``: kept on ``r``).
+
+Shapes: W ranks, S group members, T tokens, K selections per token, E experts, R rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .topology import Stage, Topology
+
+# Collectives one dispatch stage issues in the dispatcher (counts, rows, route metadata): each pays
+# the latency alpha once, so the strategy choice charges every stage that many latencies.
+COLLECTIVES_PER_STAGE = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Fitted constants of one stage kind: ``t = alpha + nbytes * beta`` (s, s/byte); r2 of the fit."""
+
+    alpha: float
+    beta: float
+    r2: float | None = None
+
+    def time(self, nbytes: float) -> float:
+        return self.alpha + nbytes * self.beta
+
+
+@dataclass(frozen=True)
+class Link:
+    """One level's uplink: a level-l subtree (a node for l = 0) reaches the rest through it.
+
+    latency_s: per-collective start-up (s); bandwidth: bytes/s through the link, shared by every
+    rank of the subtree (a node's NIC is shared by its GPUs; an innermost level is one rank's link).
+    """
+
+    latency_s: float
+    bandwidth: float
+
+
+def stage_costs_from_links(topology: Topology, links: Sequence[Link]) -> dict[str, StageCost]:
+    """Per-stage constants implied by per-level links, for every stage of every strategy.
+
+    A rank of a stage varying digits [lo, hi) sends m bytes to each of S peers. For each level
+    l in [lo, hi), the ranks under one level-(l+1) subtree, P_l of them, all send to the peers of
+    their group outside that subtree, through its uplink of bandwidth B_l: time P_l * out_l * m / B_l.
+    Links work in parallel, so beta = max_l P_l * out_l / (S * B_l); alpha = the largest latency.
+    links: one per level, outermost first (len == topology.depth).
+    """
+    if len(links) != topology.depth:
+        raise ValueError(
+            f"link model has {len(links)} levels but topology {topology} has {topology.depth}; "
+            "give one Link per level, outermost first"
+        )
+    out: dict[str, StageCost] = {}
+    for strategy in topology.strategies():
+        for stage in topology.stages(strategy):
+            S = topology.group_size(stage)
+            alpha, beta = 0.0, 0.0
+            for lvl in range(stage.lo, stage.hi):
+                ranks_under = math.prod(topology.levels[lvl + 1 :])
+                peers_outside = S - math.prod(topology.levels[lvl + 1 : stage.hi])
+                beta = max(beta, ranks_under * peers_outside / (S * links[lvl].bandwidth))
+                alpha = max(alpha, links[lvl].latency_s)
+            out[stage.name] = StageCost(alpha, beta)
+    return out
+
+
+# Generic defaults when no calibration is given: a GPU cluster with a 200 Gb/s uplink per node
+# and ~100 GB/s per GPU inside it. Only their ratio matters much for the strategy choice.
+DEFAULT_LINKS_OUTER = Link(latency_s=30e-6, bandwidth=25e9)
+DEFAULT_LINKS_INNER = Link(latency_s=10e-6, bandwidth=100e9)
+
+# Preset "hiermoe-paper": the HierMoE paper's testbed, 4 nodes x 8 NVIDIA RTX A6000 (arXiv
+# 2508.09591, section on experiments). The paper's fitted alpha/beta values could not be retrieved
+# here, so these are STAND-INS derived from the hardware class, not the paper's numbers:
+# inter-node 100 Gb/s InfiniBand per node (12.5 GB/s, ~10 GB/s achievable), intra-node PCIe 4.0
+# x16 per GPU (~16 GB/s achievable for peer traffic). Replace them with a calibration JSON.
+PAPER_LINKS = (Link(latency_s=50e-6, bandwidth=10e9), Link(latency_s=20e-6, bandwidth=16e9))
+PAPER_SOURCE = (
+    "preset hiermoe-paper: stand-ins for the HierMoE paper's 4x8 RTX A6000 cluster (arXiv 2508.09591); "
+    "derived from 100 Gb/s InfiniBand per node and PCIe 4.0 per GPU, NOT the paper's fitted constants"
+)
+PRESETS = ("default", "hiermoe-paper")
+
+
+@dataclass
+class CostModel:
+    """Per-stage constants for one topology.
+
+    topology: "NxG" it applies to; stages: stage name (or "lo:hi") -> StageCost; source: where the
+    constants came from; defaults_used: True when no calibration was given (``stats`` reports it).
+    """
+
+    topology: str
+    stages: dict[str, StageCost]
+    source: str = "defaults"
+    defaults_used: bool = False
+    meta: dict = field(default_factory=dict)
+
+    def stage_cost(self, stage: Stage) -> StageCost:
+        for key in (stage.name, f"{stage.lo}:{stage.hi}"):
+            if key in self.stages:
+                return self.stages[key]
+        raise ValueError(
+            f"cost model ({self.source}) has no constants for stage {stage.name!r} (digits {stage.lo}:{stage.hi}); "
+            f"it has: {', '.join(sorted(self.stages)) or 'none'}"
+        )
+
+    def collective_time(self, topology: Topology, stage: Stage, max_peer_bytes: float, latency_terms: int = 1) -> float:
+        """Seconds for one stage whose largest per-peer message is ``max_peer_bytes``; 0 for groups of one."""
+        S = topology.group_size(stage)
+        if S == 1:
+            return 0.0
+        c = self.stage_cost(stage)
+        return latency_terms * c.alpha + S * max_peer_bytes * c.beta
+
+    def to_json(self) -> dict:
+        stages = {}
+        for name, c in self.stages.items():
+            entry = {"alpha": c.alpha, "beta": c.beta}
+            if c.r2 is not None:
+                entry["r2"] = c.r2
+            stages[name] = entry
+        return {"topology": self.topology, "source": self.source, **self.meta, "stages": stages}
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "json") -> "CostModel":
+        if not isinstance(data, dict) or "stages" not in data or "topology" not in data:
+            raise ValueError(f"cost model {source} must be a JSON object with 'topology' and 'stages' keys")
+        stages = {}
+        for name, entry in data["stages"].items():
+            try:
+                stages[name] = StageCost(float(entry["alpha"]), float(entry["beta"]), entry.get("r2"))
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(
+                    f"cost model {source}: stage {name!r} needs numeric 'alpha' and 'beta' ({err})"
+                ) from err
+        meta = {k: v for k, v in data.items() if k not in ("topology", "stages", "source")}
+        return cls(str(data["topology"]), stages, data.get("source", source), False, meta)
+
+
+def links_cost_model(topology: Topology, links: Sequence[Link], source: str, defaults_used: bool = False) -> CostModel:
+    return CostModel(str(topology), stage_costs_from_links(topology, links), source, defaults_used)
+
+
+def default_cost_model(topology: Topology) -> CostModel:
+    """Generic link defaults (outermost level = inter-node uplink, inner levels = intra-node)."""
+    links = [DEFAULT_LINKS_OUTER] + [DEFAULT_LINKS_INNER] * (topology.depth - 1)
+    source = "defaults (no calibration: 25 GB/s inter-node uplink, 100 GB/s intra-node)"
+    return links_cost_model(topology, links, source, defaults_used=True)
+
+
+def preset_cost_model(name: str, topology: Topology) -> CostModel:
+    """A named preset for ``topology``; ValueError for unknown names or a preset that cannot apply."""
+    if name == "default":
+        return default_cost_model(topology)
+    if name == "hiermoe-paper":
+        if topology.depth != 2:
+            raise ValueError(
+                f"preset 'hiermoe-paper' describes a two-level cluster (nodes x GPUs); "
+                f"topology {topology} has {topology.depth} levels"
+            )
+        return links_cost_model(topology, PAPER_LINKS, PAPER_SOURCE)
+    raise ValueError(f"unknown cost-model preset {name!r}; valid: {', '.join(PRESETS)} (or a calibration JSON path)")
+
+
+def load_cost_model(path_or_none: str | os.PathLike | None, topology: Topology) -> CostModel:
+    """``HierMoEConfig.cost_model`` -> CostModel: None = defaults (``defaults_used``), a preset name, or a JSON path.
+
+    A JSON must be keyed by the same topology and hold every stage with more than one rank.
+    """
+    if path_or_none is None:
+        return default_cost_model(topology)
+    spec = os.fspath(path_or_none)
+    if not os.path.exists(spec) and spec in PRESETS:
+        return preset_cost_model(spec, topology)
+    if not os.path.exists(spec):
+        raise ValueError(f"cost model {spec!r} is neither a file nor a preset; presets: {', '.join(PRESETS)}")
+    with open(spec) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cost model {spec!r} is not valid JSON: {err}") from err
+    model = CostModel.from_json(data, source=spec)
+    if model.topology != str(topology):
+        raise ValueError(
+            f"cost model {spec!r} was calibrated on topology {model.topology} but this run's topology is {topology}; "
+            "run `python -m hiermoe_hf.calibrate` on this topology or use cost_model=None"
+        )
+    needed = [s for st in topology.strategies() for s in topology.stages(st) if topology.group_size(s) > 1]
+    missing = sorted({s.name for s in needed if s.name not in model.stages and f"{s.lo}:{s.hi}" not in model.stages})
+    if missing:
+        raise ValueError(
+            f"cost model {spec!r} lacks constants for stage(s) {', '.join(missing)} of topology {topology}"
+        )
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows per stage, by simulating the layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _advance(holder_R: torch.Tensor, dest_RK: torch.Tensor, topology: Topology, stage: Stage):
+    """Move rows through one stage. -> (holder_P, dest_PK, member counts int64 [W, S]).
+
+    holder_R: int64 [R] rank holding each row; dest_RK: int64 [R, K] destination rank of every
+    selection the row carries (-1: none). Same packing rule as ``reference.stage_layout``.
+    """
+    W, S, div = topology.world_size, topology.group_size(stage), topology.stride(stage.hi)
+    R, K = dest_RK.shape
+    member_RK = torch.where(dest_RK >= 0, (dest_RK // div) % S, S)
+    if stage.dedup:
+        need_RS = torch.zeros(R, S + 1, dtype=torch.bool).scatter_(1, member_RK, True)[:, :S]
+        row_P, m_P = need_RS.nonzero(as_tuple=True)
+        dest_PK = torch.where(member_RK[row_P] == m_P[:, None], dest_RK[row_P], -1)
+    else:
+        row_P, k_P = (dest_RK >= 0).nonzero(as_tuple=True)
+        m_P = member_RK[row_P, k_P]
+        dest_PK = torch.full((row_P.numel(), K), -1, dtype=torch.int64)
+        dest_PK[torch.arange(row_P.numel()), k_P] = dest_RK[row_P, k_P]
+    src_P = holder_R[row_P]
+    dst_P = src_P + (m_P - topology.member_of(src_P, stage)) * div
+    counts_WS = torch.bincount(src_P * S + m_P, minlength=W * S).view(W, S)
+    return dst_P, dest_PK, counts_WS
+
+
+def stage_rows(
+    dest_rank_TK: Sequence[torch.Tensor] | torch.Tensor,
+    topology: Topology,
+    strategy: str,
+    origins: Sequence[int] | None = None,
+) -> list[torch.Tensor]:
+    """Rows every rank sends to every member of its group, per stage of ``strategy``.
+
+    Args:
+        dest_rank_TK: per origin rank, int64 [T_r, K] destination rank of each selection (-1 none);
+            a single tensor means one origin (give ``origins=[rank]``).
+        origins: the rank each tensor's tokens start on (default 0, 1, ...). With every rank's
+            routing this is the global count; with one rank's it is that rank's contribution, and
+            contributions add up (rows of different origin tokens are never merged).
+    Returns:
+        one int64 [W, S] per stage: counts[r, m] = rows rank r sends to member m of its group.
+    """
+    if isinstance(dest_rank_TK, torch.Tensor):
+        dest_rank_TK = [dest_rank_TK]
+    if origins is None:
+        origins = range(len(dest_rank_TK))
+    if len(origins) != len(dest_rank_TK):
+        raise ValueError(f"{len(dest_rank_TK)} routing tensors but {len(origins)} origins")
+    W = topology.world_size
+    for o, d in zip(origins, dest_rank_TK):
+        if not 0 <= o < W:
+            raise ValueError(f"origin rank {o} outside 0..{W - 1} of topology {topology}")
+        if d.dim() != 2:
+            raise ValueError(f"routing of origin rank {o} must be [T, K], got shape {tuple(d.shape)}")
+        if d.numel() and (int(d.max()) >= W or int(d.min()) < -1):
+            raise ValueError(f"destination ranks must lie in -1..{W - 1} for topology {topology}")
+    dest = torch.cat([d.to(torch.int64).cpu() for d in dest_rank_TK])
+    holder = torch.cat([torch.full((d.shape[0],), o, dtype=torch.int64) for o, d in zip(origins, dest_rank_TK)])
+    out = []
+    for stage in topology.stages(strategy):
+        holder, dest, counts = _advance(holder, dest, topology, stage)
+        out.append(counts)
+    return out
+
+
+def own_member(topology: Topology, stage: Stage) -> torch.Tensor:
+    """int64 [W]: each rank's own member index in its group of ``stage`` (the column kept locally)."""
+    return topology.member_of(torch.arange(topology.world_size), stage)
+
+
+def sent_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> torch.Tensor:
+    """int64 [W]: rows each rank puts on the stage's links (its own member's column excluded)."""
+    own = own_member(topology, stage)
+    return counts_WS.sum(1) - counts_WS.gather(1, own[:, None]).squeeze(1)
+
+
+def max_peer_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> float:
+    """Largest message (rows) any rank sends to any other member in this stage (counts may be scaled floats)."""
+    own = own_member(topology, stage)
+    off = counts_WS.clone()
+    off.scatter_(1, own[:, None], 0)
+    return off.max().item() if off.numel() else 0
+
+
+def predict_stage_times(
+    counts: Sequence[torch.Tensor],
+    topology: Topology,
+    strategy: str,
+    row_bytes: float,
+    cost_model: CostModel,
+    latency_terms: int = 1,
+) -> list[float]:
+    """Seconds per stage: alpha*latency_terms + S * (largest per-peer rows * row_bytes) * beta."""
+    stages = topology.stages(strategy)
+    if len(counts) != len(stages):
+        raise ValueError(f"{len(counts)} count matrices for the {len(stages)} stages of {strategy!r}")
+    return [
+        cost_model.collective_time(topology, st, max_peer_rows(c, topology, st) * row_bytes, latency_terms)
+        for st, c in zip(stages, counts)
+    ]
+
+
+def predict_time(
+    counts: Sequence[torch.Tensor],
+    topology: Topology,
+    strategy: str,
+    row_bytes: float,
+    cost_model: CostModel,
+    latency_terms: int = 1,
+) -> float:
+    """Seconds for one exchange of ``strategy`` (sum over its stages)."""
+    return sum(predict_stage_times(counts, topology, strategy, row_bytes, cost_model, latency_terms))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing models and expected rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_groups(E: int, K: int, R: int) -> None:
+    if R < 1 or E % R:
+        raise ValueError(f"{E} experts cannot be split into {R} equal groups; use a group count dividing {E}")
+    if not 1 <= K <= E:
+        raise ValueError(f"top-k {K} must lie in 1..{E} (the number of experts)")
+
+
+def distinct_groups_uniform(E: int, K: int, R: int) -> float:
+    """E[distinct groups among K of E experts chosen uniformly without replacement], R equal groups.
+
+    = R * (1 - C(E - E/R, K) / C(E, K)) (each group is missed with that probability).
+    """
+    _check_groups(E, K, R)
+    return R * (1.0 - math.comb(E - E // R, K) / math.comb(E, K))
+
+
+def duplication_rate_uniform(E: int, K: int, R: int) -> float:
+    """Fraction of redundant copies, 1 - E[distinct groups] / K, under uniform top-K routing."""
+    return 1.0 - distinct_groups_uniform(E, K, R) / K
+
+
+def hit_probability_uniform(E: int, K: int, experts_in_group: int) -> float:
+    """P(a token has at least one of its K uniform experts in a given group of that many experts)."""
+    return 1.0 - math.comb(E - experts_in_group, K) / math.comb(E, K)
+
+
+def expected_rows_per_token_uniform(topology: Topology, strategy: str, E: int, K: int) -> list[float]:
+    """Closed form: rows a token puts on each stage's links (kept rows excluded), uniform top-K routing.
+
+    Non-dedup stage: K selections, each kept when its digits [lo, hi) are the holder's: K (1 - 1/S).
+    Dedup stage [lo, hi): a row per hit level-hi subtree, P(hit) = q; the row kept is the one per hit
+    level-lo subtree whose target is the holder's own: prod(levels[:hi]) q - prod(levels[:lo]) q.
+    Placement is contiguous (E/W experts per rank).
+    """
+    W = topology.world_size
+    _check_groups(E, K, W)
+    out = []
+    for stage in topology.stages(strategy):
+        S = topology.group_size(stage)
+        if not stage.dedup:
+            out.append(K * (1.0 - 1.0 / S))
+            continue
+        targets_hi = math.prod(topology.levels[: stage.hi])
+        targets_lo = math.prod(topology.levels[: stage.lo])
+        q = hit_probability_uniform(E, K, E // targets_hi)
+        out.append((targets_hi - targets_lo) * q)
+    return out
+
+
+def rows_per_token(counts: Sequence[torch.Tensor], topology: Topology, strategy: str, num_tokens: int) -> list[float]:
+    """Measured rows per token on each stage's links (kept rows excluded) from simulated counts."""
+    return [
+        float(sent_rows(c, topology, st).sum()) / max(num_tokens, 1) for st, c in zip(topology.stages(strategy), counts)
+    ]
+
+
+def sample_uniform(T: int, E: int, K: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """int64 [T, K]: K distinct experts per token, uniformly (top-K of iid scores)."""
+    _check_groups(E, K, 1)
+    return torch.rand(T, E, generator=generator).topk(K, dim=1).indices
+
+
+def sample_group_limited(
+    T: int, E: int, K: int, n_group: int, topk_group: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """int64 [T, K]: DeepSeek-V3's group-limited choice on iid random scores.
+
+    As Transformers' ``DeepseekV3TopkRouter``: group score = sum of its top-2 expert scores, keep
+    the ``topk_group`` best of ``n_group`` groups, then top-K experts among the kept groups.
+    """
+    _check_groups(E, K, n_group)
+    if not 1 <= topk_group <= n_group or K > topk_group * (E // n_group):
+        raise ValueError(
+            f"topk_group={topk_group} must lie in 1..n_group={n_group} and keep at least K={K} experts "
+            f"({E // n_group} per group)"
+        )
+    scores = torch.rand(T, E, generator=generator)
+    per_group = scores.view(T, n_group, E // n_group)
+    group_score = per_group.topk(min(2, E // n_group), dim=-1).values.sum(-1)
+    keep = torch.zeros(T, n_group, dtype=torch.bool)
+    keep.scatter_(1, group_score.topk(topk_group, dim=1).indices, True)
+    masked = torch.where(keep.repeat_interleave(E // n_group, dim=1), scores, -1.0)
+    return masked.topk(K, dim=1).indices
+
+
+def sample_zipf(T: int, E: int, K: int, s: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """int64 [T, K]: K distinct experts per token, expert popularity ~ 1/rank^s over a random order."""
+    _check_groups(E, K, 1)
+    order = torch.randperm(E, generator=generator)
+    p = torch.empty(E)
+    p[order] = 1.0 / torch.arange(1, E + 1, dtype=torch.float64).pow(s).float()
+    return torch.multinomial(p.expand(T, E), K, replacement=False, generator=generator)
+
+
+def distinct_groups(ids_TK: torch.Tensor, E: int, R: int) -> float:
+    """Mean number of distinct groups (R contiguous groups of E/R experts) among each token's experts."""
+    _check_groups(E, ids_TK.shape[1], R)
+    g = ids_TK // (E // R)
+    hit = torch.zeros(ids_TK.shape[0], R, dtype=torch.bool).scatter_(1, g, True)
+    return float(hit.sum(1).double().mean())
+
+
+def duplication_rate(ids_TK: torch.Tensor, E: int, R: int) -> float:
+    """1 - mean distinct groups / K, from routing samples or a trace."""
+    return 1.0 - distinct_groups(ids_TK, E, R) / ids_TK.shape[1]
+
+
+def dest_ranks(ids_TK: torch.Tensor, E: int, world_size: int) -> torch.Tensor:
+    """Contiguous placement: expert i lives on rank i // (E / W). -1 ids stay -1."""
+    if E % world_size:
+        raise ValueError(f"{E} experts cannot be split evenly over {world_size} ranks")
+    return torch.where(ids_TK >= 0, ids_TK // (E // world_size), -1)
+
+
+def load_trace(path: str | os.PathLike) -> torch.Tensor:
+    """A recorded routing trace: int64 [T, K] expert ids (``torch.save`` of a tensor, or of a dict
+    with "topk_ids"; or JSON: a list of lists or {"topk_ids": [...]}). Leading dims are flattened."""
+    spec = os.fspath(path)
+    if spec.endswith(".json"):
+        with open(spec) as f:
+            data = json.load(f)
+        data = data.get("topk_ids") if isinstance(data, dict) else data
+        ids = torch.tensor(data, dtype=torch.int64)
+    else:
+        data = torch.load(spec, map_location="cpu", weights_only=True)
+        ids = data.get("topk_ids") if isinstance(data, dict) else data
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"trace {spec!r} must hold an int tensor [T, K] or a dict with 'topk_ids'")
+        ids = ids.to(torch.int64)
+    if ids.dim() < 2:
+        raise ValueError(f"trace {spec!r} must have shape [..., K], got {tuple(ids.shape)}")
+    return ids.reshape(-1, ids.shape[-1])

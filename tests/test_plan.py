@@ -1,0 +1,105 @@
+"""Planner CLI: JSON shape, closed-form rows, presets, local configs, offline Hub failures."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from hiermoe_hf import cost_model as cm
+from hiermoe_hf import plan as planner
+from hiermoe_hf.topology import Topology
+
+
+def _run_json(capsys, *args):
+    assert planner.main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "deepseek-v3"])
+def test_presets_json_shape_and_choice(capsys, model):
+    out = _run_json(capsys, "--model", model, "--topology", "4x8", "--cost-model", "hiermoe-paper", "--tokens", "1024")
+    assert set(out) == {"strategies", "duplication"}
+    names = [s["name"] for s in out["strategies"]]
+    assert names == ["a2a", "2dh", "hd1", "hd2"]
+    topo = Topology((4, 8))
+    for s in out["strategies"]:
+        assert set(s) == {"name", "predicted_ms", "speedup_vs_a2a", "stages"}
+        assert [st["name"] for st in s["stages"]] == [st.name for st in topo.stages(s["name"])]
+        for st in s["stages"]:
+            assert set(st) == {"name", "rows_per_token", "bytes"}
+    by = {s["name"]: s for s in out["strategies"]}
+    assert by["a2a"]["speedup_vs_a2a"] == 1.0
+    assert min(out["strategies"], key=lambda s: s["predicted_ms"])["name"] == "hd2"
+    assert by["hd2"]["speedup_vs_a2a"] > 1.5
+    # de-duplication cuts the rows on the inter-node links by more than half vs a2a's 6 of 7.75
+    assert by["hd2"]["stages"][0]["rows_per_token"] < 3.0
+    for d in out["duplication"]:
+        assert set(d) == {"groups", "topk", "rate"} and 0.0 <= d["rate"] < 1.0
+
+
+def test_uniform_rows_are_closed_form(capsys):
+    out = _run_json(capsys, "--model", "qwen3-30b-a3b", "--topology", "2x4", "--routing", "uniform", "--tokens", "512")
+    topo = Topology((2, 4))
+    for s in out["strategies"]:
+        closed = cm.expected_rows_per_token_uniform(topo, s["name"], 128, 8)
+        assert [st["rows_per_token"] for st in s["stages"]] == pytest.approx(closed)
+        assert [st["bytes"] for st in s["stages"]] == pytest.approx([r * 512 * 2048 * 2 for r in closed])
+    dup = {(d["groups"], d["topk"]): d["rate"] for d in out["duplication"]}
+    assert len(dup) == 16
+    assert dup[(8, 8)] == pytest.approx(cm.duplication_rate_uniform(128, 8, 8))
+
+
+def test_text_output(capsys):
+    assert (
+        planner.main(
+            ["--model", "deepseek-v3", "--topology", "4x8", "--cost-model", "hiermoe-paper", "--tokens", "512"]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "chosen: hd2 (depth 2)" in text
+    assert "routing group-limited" in text and "groups R" in text and "K=8" in text
+    assert "NOT the paper's fitted constants" in text
+
+
+def test_local_config_folder_and_trace(tmp_path, capsys):
+    cfg = {"model_type": "qwen3_moe", "num_experts": 16, "num_experts_per_tok": 4, "hidden_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = planner.load_model_spec(str(tmp_path))
+    assert (spec.experts, spec.topk, spec.hidden, spec.n_group) == (16, 4, 64, 1)
+    trace = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [0, 4, 8, 12]] * 50)
+    torch.save(trace, tmp_path / "trace.pt")
+    out = _run_json(capsys, "--model", str(tmp_path), "--topology", "2x2", "--routing", str(tmp_path / "trace.pt"))
+    hd2 = next(s for s in out["strategies"] if s["name"] == "hd2")
+    assert hd2["stages"][0]["rows_per_token"] >= 0
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ValueError, match="not a MoE config"):
+        planner.load_model_spec(str(tmp_path))
+
+
+def test_bad_arguments_fail_clearly(capsys):
+    with pytest.raises(SystemExit) as e:
+        planner.main(["--model", "qwen3-30b-a3b", "--routing", "zipfian"])
+    assert e.value.code == 2 and "valid: auto, uniform, group-limited" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        planner.main(["--model", "qwen3-30b-a3b", "--topology", "3x8"])  # 128 experts over 24 ranks
+    assert "cannot be split evenly over 24 ranks" in capsys.readouterr().err
+
+
+def test_hub_name_offline_fails_fast(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.time()
+    with pytest.raises(SystemExit) as e:
+        planner.main(["--model", "no-such-org/no-such-model"])
+    assert e.value.code == 2 and "HF_HUB_OFFLINE" in capsys.readouterr().err
+    # network allowed but the Hub unreachable: one quick connect, not huggingface_hub's retry loop
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="cannot reach the Hugging Face Hub"):
+        planner.load_model_spec("no-such-org/no-such-model")
+    assert time.time() - t < 10
