@@ -1,0 +1,77 @@
+"""Gradient-norm clipping with the global norm on an expert-parallel model.
+
+After DDP (or ``all_reduce_gradients``) every rank holds the same dense gradients but only its own
+expert slices. ``torch.nn.utils.clip_grad_norm_`` would then see a different norm on each rank, so
+ranks would scale their grads differently and drift apart. Here the dense part of the norm is
+computed locally (it is identical everywhere) and the expert part is summed over the ranks, which
+gives exactly the norm that a single process holding the whole model would compute.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from .patch import runtime_of
+from .training import expert_parameters
+
+
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    norm_type: float = 2.0,
+    *,
+    model: torch.nn.Module,
+    error_if_nonfinite: bool = False,
+) -> torch.Tensor:
+    """Like ``torch.nn.utils.clip_grad_norm_``, with the norm taken over the whole (sharded) model.
+
+    Collective over the default process group: call it on every rank. ``model`` is the patched model
+    (wrapped or not); it says which of ``parameters`` are rank-local expert slices. Returns the total
+    norm, the same on every rank.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    params = [p for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    world = runtime_of(_unwrap(model)).world_size
+    expert_ids = {id(p) for p in expert_parameters(_unwrap(model))}
+    dense = [p.grad for p in params if id(p) not in expert_ids]
+    experts = [p.grad for p in params if id(p) in expert_ids]
+    device = params[0].grad.device if params else torch.device("cpu")
+    dense_norm = _norm(dense, norm_type, device)
+    expert_norm = _norm(experts, norm_type, device)
+    if norm_type == float("inf"):
+        if world > 1:
+            dist.all_reduce(expert_norm, op=dist.ReduceOp.MAX)
+        total = torch.maximum(dense_norm, expert_norm)
+    else:
+        # Sum the p-th powers: dense counted once, expert slices added up over ranks (fp32 or wider).
+        expert_pow = expert_norm.pow(norm_type)
+        if world > 1:
+            dist.all_reduce(expert_pow)
+        total = (dense_norm.pow(norm_type) + expert_pow).pow(1.0 / norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()}); "
+            "pass error_if_nonfinite=False to clip anyway"
+        )
+    if params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def _norm(grads: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norm = torch.nn.utils.get_total_norm(grads, norm_type)
+    return norm.to(device=device, dtype=torch.promote_types(norm.dtype, torch.float32))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP (and similar wrappers) keep the real model in ``.module``."""
+    while not hasattr(model, "_hiermoe_runtime") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model

@@ -1,0 +1,115 @@
+"""Inter-node traffic of the strategy in use versus what the flat ``a2a`` baseline would have sent.
+
+``stats`` reports what the last exchange moved per stage, but strategies with one flat stage
+(``a2a``, ``hd1``) do not separate the rows that crossed nodes, and nothing reports what ``a2a``
+*would* have sent. Both follow exactly from the routing (DESIGN.md section 5): a2a sends one row
+per (token, expert) on another node, hd1 one per (token, remote rank), hdD (D >= 2) one per
+(token, remote node). ``TrafficMeter`` counts them for every MoE forward from the experts module's
+inputs, so gradient accumulation and any number of forwards per step are covered.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from .patch import moe_layers, runtime_of
+from .topology import Topology
+
+# Numeric counters, in the order they travel in the cross-rank sum.
+FIELDS = (
+    "tokens",            # tokens routed (summed over MoE layers)
+    "inter_node_rows",   # dispatch rows that crossed nodes with the strategy in use
+    "a2a_inter_node_rows",
+    "inter_node_bytes",  # the same in bytes (hidden rows only; ids/weights metadata excluded)
+    "a2a_inter_node_bytes",
+    "rows_sent",         # dispatch rows sent to other ranks over all stages
+    "a2a_rows_sent",
+)
+
+
+def inter_node_rows(dest_rank_TK: torch.Tensor, topology: Topology, rank: int, strategy: str) -> int:
+    """Rows leaving ``rank``'s node in one dispatch of ``strategy``, from the destination ranks [T, K].
+
+    A one-level topology is one node (nothing crosses). Negative destinations are ignored.
+    """
+    if topology.depth < 2 or strategy == "local":
+        return 0
+    per_node = topology.stride(1)
+    valid = dest_rank_TK >= 0
+    node_TK = torch.where(valid, dest_rank_TK // per_node, -1)
+    remote_TK = valid & (node_TK != rank // per_node)
+    if strategy in ("a2a", "2dh"):  # one row per (token, expert), de-duplication none
+        return int(remote_TK.sum())
+    key_TK = dest_rank_TK if strategy == "hd1" else node_TK  # hd1: per rank; hdD: per node
+    key_TK = torch.where(remote_TK, key_TK, -1)
+    sorted_TK = key_TK.sort(dim=1).values
+    first = torch.ones_like(sorted_TK[:, :1], dtype=torch.bool)
+    new_TK = torch.cat([first, sorted_TK[:, 1:] != sorted_TK[:, :-1]], dim=1)
+    return int((new_TK & (sorted_TK >= 0)).sum())
+
+
+class TrafficMeter:
+    """Counts, per MoE forward on this rank, inter-node rows/bytes of the strategy used and of a2a.
+
+    ``pop()`` returns the counters gathered since the last ``pop`` and resets them; with
+    ``reduce=True`` (collective) the numeric counters are summed over ranks.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.runtime = runtime_of(model)
+        self._handles = [e.register_forward_hook(self._after_forward) for e, _ in moe_layers(model).values()]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.counts = dict.fromkeys(FIELDS, 0)
+        self.strategies: Counter[str] = Counter()
+
+    def _after_forward(self, module, args, output) -> None:
+        layer = module._hiermoe_layer
+        last = layer.last
+        strategy = last.get("strategy", "local")
+        hidden_TH, topk_ids_TK = args[0], args[1]
+        rt = self.runtime
+        self.strategies[strategy] += 1
+        self.counts["tokens"] += int(topk_ids_TK.shape[0])
+        if rt.world_size == 1:
+            return
+        placement = layer.placement
+        ids_TK = topk_ids_TK.to(placement.phys_of_E.device)
+        valid = (ids_TK >= 0) & (ids_TK < placement.num_experts)  # Transformers may pad with a sentinel id
+        phys_TK = placement.phys_of_E[ids_TK.clamp(0, placement.num_experts - 1)]
+        dest_TK = torch.where(valid, phys_TK // placement.local_experts, -1)
+        row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
+        actual = inter_node_rows(dest_TK, rt.topology, rt.rank, strategy)
+        a2a = inter_node_rows(dest_TK, rt.topology, rt.rank, "a2a")
+        self.counts["inter_node_rows"] += actual
+        self.counts["a2a_inter_node_rows"] += a2a
+        self.counts["inter_node_bytes"] += actual * row_bytes
+        self.counts["a2a_inter_node_bytes"] += a2a * row_bytes
+        self.counts["rows_sent"] += sum(s["rows_sent"] for s in last.get("stages", []))
+        self.counts["a2a_rows_sent"] += int((valid & (dest_TK != rt.rank)).sum())
+
+    def pop(self, reduce: bool = False) -> dict:
+        counts = dict(self.counts)
+        if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([counts[f] for f in FIELDS], dtype=torch.float64)
+            dist.all_reduce(t)
+            counts = {f: int(v) for f, v in zip(FIELDS, t.tolist())}
+        counts["strategies"] = dict(self.strategies)
+        self._reset()
+        return counts
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def summarize(counts: dict) -> dict:
+    """Derived figures for logs and the progress bar: inter-node saving vs a2a in bytes and as a fraction."""
+    saved = counts["a2a_inter_node_bytes"] - counts["inter_node_bytes"]
+    base = counts["a2a_inter_node_bytes"]
+    return {"inter_node_bytes_saved": saved, "inter_node_saved_frac": saved / base if base else 0.0}
