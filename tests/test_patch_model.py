@@ -82,6 +82,7 @@ def parity(name: str, topology, strategy: str, kernels: str = "torch") -> dict:
     err["params_after_step"] = max(_rel(p, ref_params[n]) for n, p in model.named_parameters())
     err["grad_signal"] = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
     err["strategies"] = sorted({s["strategy"] for s in stats.values()})
+    err["kernels"] = sorted({s["kernels"] for s in stats.values()})
     return err
 
 
@@ -120,3 +121,12 @@ def test_world_size_1_is_bit_identical(name):
     for (n, p), q in zip(ref.named_parameters(), model.parameters()):
         assert torch.equal(p.grad, q.grad), n
     assert all(s["strategy"] == "local" for s in hiermoe_hf.stats(model).values())
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe_norm", "deepseek_v3"])
+@pytest.mark.parametrize("strategy", ["a2a", "hd2"])
+def test_parity_2_ranks_triton_interpreter(ranks, name, strategy):
+    """The same oracle with the Triton kernels (TRITON_INTERPRET=1 is set in conftest)."""
+    results = ranks(2).run(parity, name, "2x1", strategy, "triton")
+    _check(results, strategy)
+    assert all(r["kernels"] == ["triton"] for r in results)

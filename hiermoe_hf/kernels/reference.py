@@ -54,7 +54,7 @@ def stage_layout(dest_rank_RK: torch.Tensor, divisor: int, group_size: int, dedu
         m_P, src_row_P, k_P = hit_SRK.nonzero(as_tuple=True)
         mask_PK = torch.nn.functional.one_hot(k_P, K).bool() if K else torch.zeros(0, 0, dtype=torch.bool)
     send_counts_S = torch.bincount(m_P, minlength=S)
-    return StageLayout(src_row_P, mask_PK.reshape(-1, K), send_counts_S)
+    return StageLayout(src_row_P, mask_PK.reshape(src_row_P.numel(), K), send_counts_S)
 
 
 def pack_rows(x_RH: torch.Tensor, src_row_P: torch.Tensor) -> torch.Tensor:
