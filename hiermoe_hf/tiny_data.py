@@ -1,0 +1,83 @@
+"""Offline text and tokenizer for the default fine-tune: no download, the same on any machine.
+
+- ``byte_tokenizer()``: a byte-level tokenizer with exactly 256 ids (id = byte value), as a
+  ``PreTrainedTokenizerFast`` that ``save_pretrained``/``AutoTokenizer.from_pretrained`` round-trip.
+- ``builtin_corpus()``: English prose from the docstrings of Python's standard library, collected
+  at run time (a few hundred KB).
+- ``pack_blocks()``: token ids -> fixed-length causal-LM blocks (``input_ids`` = ``labels``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Iterable
+
+import torch
+
+# Modules with long, stable, prose-heavy docstrings; order fixes the corpus.
+_CORPUS_MODULES = (
+    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "email", "enum", "fractions", "functools", "heapq", "html", "http.client", "inspect",
+    "itertools", "json", "logging", "os", "pathlib", "pickle", "pydoc", "random", "re", "shutil",
+    "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest",
+    "urllib.parse", "uuid", "zipfile",
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what ``tokenizers``' ByteLevel uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer (id == byte); no special tokens, so vocab_size=256 models fit."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20)
+
+
+def builtin_corpus(min_chars: int = 200) -> list[str]:
+    """Paragraph-sized texts from standard-library docstrings (modules, classes, functions)."""
+    texts: list[str] = []
+    seen: set[str] = set()
+    for name in _CORPUS_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a trimmed Python build: skip, the rest is plenty
+            continue
+        objects = [module] + [obj for _, obj in sorted(vars(module).items()) if inspect.isclass(obj) or callable(obj)]
+        for obj in objects:
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) >= min_chars and doc not in seen:
+                seen.add(doc)
+                texts.append(doc)
+    return texts
+
+
+def pack_blocks(token_lists: Iterable[list[int]], block_size: int, separator: list[int] | None = None) -> torch.Tensor:
+    """Concatenate token lists (with ``separator`` between them) and cut full blocks: int64 [N, block_size]."""
+    flat: list[int] = []
+    for ids in token_lists:
+        flat.extend(ids)
+        if separator:
+            flat.extend(separator)
+    n = len(flat) // block_size
+    if n == 0:
+        raise ValueError(f"the dataset has {len(flat)} tokens, fewer than one block of {block_size}; use a shorter "
+                         "--seq-len or more text")
+    return torch.tensor(flat[: n * block_size], dtype=torch.int64).view(n, block_size)
