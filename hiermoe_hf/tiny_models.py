@@ -46,3 +46,23 @@ def build_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
     return model.eval()
+
+
+def qwen3_30b_a3b_mini_config(**overrides) -> Qwen3MoeConfig:
+    """Qwen3-30B-A3B scaled down for the default fine-tune (about 0.7 M parameters).
+
+    Kept from the real model: hidden : moe_intermediate : intermediate = 2048 : 768 : 6144 (here
+    64 : 24 : 192), grouped-query attention (32:4 heads there, 4:1 here), every layer MoE, normalised
+    top-k routing, aux-loss coefficient 0.001, rope theta 1e6. Scaled: 48 -> 4 layers, top-8 of 128
+    experts -> top-4 of 32, vocabulary 151936 -> 256 (bytes, see ``tiny_data.byte_tokenizer``).
+    """
+    kw = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=192, moe_intermediate_size=24,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+        num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], max_position_embeddings=1024, output_router_logits=True,
+        router_aux_loss_coef=0.001, rope_theta=1_000_000.0, tie_word_embeddings=False,
+        initializer_range=0.02, rms_norm_eps=1e-6,
+    )
+    kw.update(overrides)
+    return Qwen3MoeConfig(**kw)
