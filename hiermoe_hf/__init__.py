@@ -5,10 +5,13 @@
     hiermoe_hf.stats(model); hiermoe_hf.unpatch(model)
 """
 
+from .checkpoint_load import from_pretrained
 from .config import HierMoEConfig
 from .patch import is_patched, patch, stats, unpatch
 from .topology import Topology
 from .training import all_reduce_gradients
 
-__all__ = ["HierMoEConfig", "Topology", "all_reduce_gradients", "is_patched", "patch", "stats", "unpatch"]
+__all__ = [
+    "HierMoEConfig", "Topology", "all_reduce_gradients", "from_pretrained", "is_patched", "patch", "stats", "unpatch",
+]
 __version__ = "0.1.0"

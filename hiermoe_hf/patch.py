@@ -86,11 +86,15 @@ def patch(model: torch.nn.Module, config: HierMoEConfig | None = None) -> torch.
     for name, block in blocks:
         experts = block.experts
         layer = LayerState(name, runtime, Placement.contiguous(num_experts, world), adapter.EXPERT_PARAMS)
-        if world > 1:
+        # hiermoe_hf.from_pretrained already loaded only this rank's experts (contiguous placement).
+        if world > 1 and not experts.__dict__.pop("_hiermoe_local_experts_loaded", False):
             _shard(experts, layer.param_names, layer.local_logical())
         setattr(experts, _LAYER_ATTR, layer)
         experts.forward = types.MethodType(_experts_forward, experts)
     setattr(model, _STATE_ATTR, runtime)
+    from .checkpoint_save import save_pretrained  # noqa: PLC0415  (checkpoint_save imports this module)
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)  # collective, logical expert order
     return model
 
 
@@ -156,6 +160,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         del experts.forward
         delattr(experts, _LAYER_ATTR)
     delattr(model, _STATE_ATTR)
+    model.__dict__.pop("save_pretrained", None)  # back to Transformers' own save
     return model
 
 

@@ -1,0 +1,342 @@
+"""``hiermoe_hf.from_pretrained``: load a Hub checkpoint reading only this rank's experts.
+
+The result equals ``hiermoe_hf.patch(AutoModelForCausalLM.from_pretrained(...), cfg)``, but a rank's
+peak memory is the dense parameters plus its E/W experts, never the whole model.
+
+How: Transformers' own ``from_pretrained`` does everything (config, dtype, building the model on the
+meta device, dense weights, tied weights, buffers such as rotary ``inv_freq`` recomputed by the
+model's init, generation config, ``eval()``), except one step: its weight-loading step is
+swapped, on a throw-away subclass of the model class, for one that first shrinks each experts
+module's fused parameters (still on meta) to this rank's slots [E/W, ...], then hands Transformers
+the dense tensors as lazy safetensors slices and, for the experts, stand-ins that read only experts
+[rank*E/W, (rank+1)*E/W) when Transformers materialises them. The model gets its own class back
+before ``patch`` shards nothing more (the slots already hold the contiguous placement's experts).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.distributed as dist
+from huggingface_hub import is_offline_mode, snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers.core_model_loading import WeightConverter
+from transformers.models.auto.auto_factory import _get_model_class
+
+from . import patches
+from .checkpoint import fused_key, per_expert_key_pattern, row_parts
+from .config import HierMoEConfig
+from .patch import patch
+from .topology import Topology
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+_UNSUPPORTED_KWARGS = (
+    "state_dict", "distributed_config", "tp_plan", "tp_size", "device_mesh", "quantization_config",
+    "gguf_file", "offload_folder", "max_memory", "use_safetensors", "output_loading_info",
+)
+_CHECKPOINT_FILES = ["*.json", "*.safetensors"]  # config, generation config, index, weights
+_LOADED_MARK = "_hiermoe_local_experts_loaded"  # read (and removed) by patch(): do not shard again
+
+
+def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None = None, **hf_kwargs) -> torch.nn.Module:
+    """A patched causal LM from a local folder or Hub repo id, holding only this rank's experts.
+
+    Collective over the default process group (like ``patch``). ``hf_kwargs`` are
+    ``AutoModelForCausalLM.from_pretrained``'s (``dtype``, ``revision``, ``cache_dir``, ``token``,
+    ``local_files_only``, ``subfolder``, ``attn_implementation``, ``device_map`` = one device, config
+    overrides, ...). The checkpoint may hold per-expert keys (``...experts.7.gate_proj.weight``, the Hub
+    layout) or fused ones (``...experts.gate_up_proj`` [E, 2I, H], ``...experts.down_proj`` [E, H, I]).
+    """
+    cfg = cfg if cfg is not None else HierMoEConfig()
+    if not isinstance(cfg, HierMoEConfig):
+        raise TypeError(f"cfg must be a hiermoe_hf.HierMoEConfig or None, got {type(cfg).__name__}")
+    unsupported = sorted(set(hf_kwargs) & set(_UNSUPPORTED_KWARGS))
+    if unsupported:
+        raise ValueError(
+            f"hiermoe_hf.from_pretrained does not support {', '.join(unsupported)}; it reads safetensors "
+            "checkpoints and shards the experts itself (load with transformers and call hiermoe_hf.patch instead)"
+        )
+    _check_device_map(hf_kwargs.get("device_map"))
+    world, rank = _world()
+    Topology.resolve(cfg.topology, world)  # a bad topology fails before any weight is read
+    hub = {k: hf_kwargs.pop(k) for k in _HUB_KWARGS if k in hf_kwargs}
+    subfolder = hf_kwargs.pop("subfolder", "")
+    folder = _resolve_on_all_ranks(name_or_path, hub, world, rank)
+    folder = os.path.join(folder, subfolder) if subfolder else folder
+
+    config = hf_kwargs.pop("config", None)
+    if not isinstance(config, PreTrainedConfig):
+        # As AutoModelForCausalLM does: the config takes what it knows, "auto" dtypes are the model's.
+        config_kwargs = {k: v for k, v in hf_kwargs.items() if not (k in ("dtype", "torch_dtype") and v == "auto")}
+        config, model_kwargs = AutoConfig.from_pretrained(config or folder, return_unused_kwargs=True, **config_kwargs)
+        for k in ("torch_dtype", "dtype"):
+            if hf_kwargs.get(k) is not None:
+                model_kwargs[k] = hf_kwargs[k]
+    else:
+        model_kwargs = hf_kwargs
+    adapter = patches.adapter_for(config)
+    num_experts = adapter.num_experts(config)
+    if num_experts % world:
+        raise ValueError(
+            f"{num_experts} experts per layer cannot be split over {world} ranks; "
+            f"use a world size that divides {num_experts}"
+        )
+    base = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    model = _local_experts_class(base).from_pretrained(folder, config=config, **model_kwargs)
+    model.__class__ = base  # the subclass only existed to swap the loading step
+    model.config.name_or_path = os.fspath(name_or_path)  # as given (a repo id, not its cache folder)
+    return patch(model, cfg)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _check_device_map(device_map) -> None:
+    """Every rank holds a whole model minus experts: one device per rank, or none (CPU)."""
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    try:  # "auto", "balanced", ... spread one model over devices: not a single device
+        one_device = device_map is None or torch.device(device_map) is not None
+    except (RuntimeError, TypeError):
+        one_device = False
+    if not one_device:
+        raise ValueError(
+            f"device_map={device_map!r} is not supported; valid: None, one device ('cpu', 'cuda:0', 0) or "
+            "{'': device} (each rank holds the whole dense model)"
+        )
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, **hub_kwargs) -> str:
+    """Local folder of a checkpoint: ``name_or_path`` itself, or a Hub snapshot (downloaded if needed).
+
+    Offline (``HF_HUB_OFFLINE=1``, ``local_files_only=True``) only the cache is consulted; a Hub that
+    cannot be reached fails fast (connection errors, bounded timeouts) with an ``OSError`` that says so.
+    """
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"checkpoint {path!r} is a file; expected a folder or a Hub repo id ('owner/name')")
+    offline = bool(hub_kwargs.pop("local_files_only", False)) or is_offline_mode()
+    try:
+        return snapshot_download(
+            path, allow_patterns=_CHECKPOINT_FILES, local_files_only=offline, etag_timeout=10, **hub_kwargs
+        )
+    except HFValidationError as err:
+        raise ValueError(f"{path!r} is neither a local folder nor a valid Hub repo id ('owner/name')") from err
+    except LocalEntryNotFoundError as err:
+        why = "the Hub is offline (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "the Hub is unreachable"
+        raise OSError(
+            f"cannot load {path!r}: it is not a local folder, {why}, and it is not in the Hugging Face cache; "
+            "download it first (huggingface-cli download) or pass a local folder"
+        ) from err
+    except OSError as err:  # connection refused, DNS failure, timeout, gated or missing repo
+        raise OSError(f"cannot load {path!r} from the Hugging Face Hub: {err}") from err
+
+
+def _resolve_on_all_ranks(name_or_path, hub: dict, world: int, rank: int) -> str:
+    """One download per node (its local rank 0); the other ranks then read the cache. Errors reach every rank."""
+    if world == 1 or os.path.isdir(os.fspath(name_or_path)):
+        return resolve_checkpoint(name_or_path, **hub)
+    downloads = int(os.environ.get("LOCAL_RANK", rank)) == 0
+    folder, error = None, None
+    if downloads:
+        try:
+            folder = resolve_checkpoint(name_or_path, **hub)
+        except (OSError, ValueError) as err:
+            error = (type(err) is ValueError, str(err))
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None:
+        raise (ValueError if failed[0] else OSError)(failed[1])
+    return folder if downloads else resolve_checkpoint(name_or_path, **{**hub, "local_files_only": True})
+
+
+@functools.cache
+def _local_experts_class(base: type) -> type:
+    """``base`` with only its weight-loading step replaced (same name and module, so Transformers'
+    source-inspecting checks behave as for ``base``)."""
+
+    def load(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        return _load_with_local_experts(base, model, state_dict, checkpoint_files, load_config, expected_keys)
+
+    attrs = {"__module__": base.__module__, "__qualname__": base.__qualname__}
+    return type(base.__name__, (base,), {**attrs, "_load_pretrained_model": staticmethod(load)})
+
+
+def _load_with_local_experts(base, model, state_dict, checkpoint_files, load_config, expected_keys):
+    files = [os.fspath(f) for f in checkpoint_files or []]
+    if state_dict is not None or not files or not all(f.endswith(".safetensors") for f in files):
+        raise ValueError(f"hiermoe_hf.from_pretrained reads safetensors checkpoints only; found {files or 'none'}")
+    world, rank = _world()
+    adapter = patches.adapter_for(model.config)
+    num_experts = adapter.num_experts(model.config)
+    local = num_experts // world
+    reader = _ShardReader(files)
+    try:
+        weights, by_block = {}, {}
+        for key in reader.keys():  # expert keys, grouped by block, are replaced by the stand-ins
+            block, sep, _ = key.partition(".experts.")
+            if sep:
+                by_block.setdefault(block, []).append(key)
+            else:
+                weights[key] = reader.slice(key)
+        folder = os.path.dirname(files[0])
+        for block, module in patches.find_moe_blocks(model, adapter):
+            experts = module.experts
+            stand_ins = _expert_stand_ins(
+                reader, by_block.pop(block, []), block, experts, adapter.EXPERT_PARAMS, num_experts,
+                rank * local, local, folder,
+            )
+            weights.update(stand_ins)
+            if any(s.per_expert for s in stand_ins.values()):
+                _mark_expert_conversions_used(load_config.weight_mapping, block)
+            for param in adapter.EXPERT_PARAMS:  # still on meta: only the shape changes
+                full = getattr(experts, param)
+                shape = (local, *full.shape[1:])
+                setattr(experts, param, torch.nn.Parameter(
+                    torch.empty(shape, dtype=full.dtype, device="meta"), requires_grad=full.requires_grad
+                ))
+            if world > 1:
+                setattr(experts, _LOADED_MARK, True)
+        for keys in by_block.values():  # ".experts." keys outside any routed-MoE block load as usual
+            weights.update({key: reader.slice(key) for key in keys})
+        return base._load_pretrained_model(model, weights, files, load_config, expected_keys)
+    finally:
+        reader.close()
+
+
+def _mark_expert_conversions_used(weight_mapping, block: str) -> None:
+    """Record, as Transformers' loader would, that per-expert keys went through its expert converters.
+
+    The model keeps the converters that matched (``model._weight_conversions``) to write per-expert
+    keys again in a plain ``save_pretrained``; the stand-ins bypass them, so mark them here.
+    """
+    for conversion in weight_mapping or []:
+        if isinstance(conversion, WeightConverter):
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                conversion.rename_source_key(f"{block}.experts.0.{projection}.weight")
+
+
+class _ShardReader:
+    """Lazy access to every tensor of a checkpoint's safetensors files.
+
+    ``pread`` rather than ``mmap``: mapped file pages count in a process's resident memory, and only
+    the bytes of this rank's slices should.
+    """
+
+    def __init__(self, files: list[str]):
+        self._handles, self._where = [], {}
+        for path in files:
+            try:
+                handle = safe_open(path, framework="pt", device="cpu", backend="pread")
+            except TypeError:  # safetensors without the backend option
+                handle = safe_open(path, framework="pt", device="cpu")
+            self._handles.append(handle)
+            for key in handle.keys():
+                self._where[key] = handle
+
+    def keys(self):
+        return self._where.keys()
+
+    def slice(self, key: str):
+        return self._where[key].get_slice(key)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.__exit__(None, None, None)
+
+
+class _LocalExperts:
+    """Stands for one fused experts parameter in the weights handed to Transformers' loader.
+
+    Transformers materialises it with ``[...]``: that reads only this rank's experts, giving
+    [count, rows, ...] in the checkpoint's dtype, either one slice of a fused tensor
+    (``fused = (key, lo)``) or filled expert by expert from per-expert keys (``slots[j]`` = the
+    (key, row lo, row hi) parts of slot j), so one expert's matrix at a time is in flight.
+    """
+
+    def __init__(self, reader: _ShardReader, shape: tuple[int, ...], fused=None, slots=None):
+        self.reader, self.shape, self.fused, self.slots = reader, shape, fused, slots
+        self.per_expert = slots is not None
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("the local experts stand-in is read whole, with [...]")
+        if not self.per_expert:
+            key, lo = self.fused
+            return self.reader.slice(key)[lo : lo + self.shape[0]]
+        out = None
+        for slot, parts in enumerate(self.slots):
+            for key, lo, hi in parts:
+                matrix = self.reader.slice(key)[:]
+                if out is None:
+                    out = torch.empty(self.shape, dtype=matrix.dtype)
+                out[slot, lo:hi] = matrix
+        return out
+
+
+def _expert_stand_ins(reader, keys, block, experts, params, num_experts, lo, count, folder) -> dict[str, _LocalExperts]:
+    """Fused key -> stand-in reading experts [lo, lo + count) of ``block``; ValueError if the checkpoint's
+    experts do not fit the config (count, shapes) or are missing."""
+    pattern = per_expert_key_pattern(block)
+    ids: dict[str, set[int]] = {}
+    for key in keys:
+        match = pattern.match(key)
+        if match:
+            ids.setdefault(match.group(2), set()).add(int(match.group(1)))
+    fused_present = [p for p in params if fused_key(block, p) in reader.keys()]
+    if ids and fused_present:
+        raise ValueError(f"checkpoint {folder} holds both per-expert and fused expert tensors for {block}.experts")
+    if not ids and len(fused_present) != len(params):
+        raise ValueError(f"checkpoint {folder} has no expert weights for {block}.experts (per-expert or fused)")
+    out = {}
+    for param in params:
+        full = tuple(getattr(experts, param).shape)  # [E, rows, ...] from the config, still on meta
+        shape = (count, *full[1:])
+        if not ids:
+            key = fused_key(block, param)
+            found = tuple(reader.slice(key).get_shape())
+            if found[:1] != (num_experts,):
+                raise ValueError(_count_error(folder, block, found[0] if found else 0, num_experts))
+            if found != full:
+                raise ValueError(_shape_error(folder, key, found, full))
+            out[key] = _LocalExperts(reader, shape, fused=(key, lo))
+            continue
+        parts = row_parts(param, full[1])
+        for part in parts:
+            got = ids.get(part.projection, set())
+            if got != set(range(num_experts)):
+                raise ValueError(_count_error(folder, block, len(got), num_experts, part.projection, got))
+        slots = []
+        for expert in range(lo, lo + count):
+            slot = []
+            for part in parts:
+                key = f"{block}.experts.{expert}.{part.projection}.weight"
+                found, want = tuple(reader.slice(key).get_shape()), (part.hi - part.lo, *full[2:])
+                if found != want:
+                    raise ValueError(_shape_error(folder, key, found, want))
+                slot.append((key, part.lo, part.hi))
+            slots.append(slot)
+        out[fused_key(block, param)] = _LocalExperts(reader, shape, slots=slots)
+    return out
+
+
+def _shape_error(folder, key, found, want) -> str:
+    return f"checkpoint {folder}: {key} has shape {list(found)}, but the model config gives {list(want)}"
+
+
+def _count_error(folder, block, found, expected, projection=None, ids=None) -> str:
+    what = f"{found} experts" + (f" ({projection}, ids {min(ids)}..{max(ids)})" if ids else "")
+    return (
+        f"checkpoint {folder} holds {what} for {block}.experts, but the model config says {expected} experts "
+        "per layer; the checkpoint and config do not match"
+    )

@@ -1,0 +1,394 @@
+"""``model.save_pretrained(path)`` on a patched model: a Hub checkpoint in logical expert order.
+
+Collective: every rank calls it; rank 0 writes. The result is what plain Transformers'
+``save_pretrained`` writes for the unpatched model (same keys, dtypes, shard files, index JSON and
+config), so a plain single-process ``from_pretrained`` reloads it, whatever the placement.
+
+Memory: rank 0 streams each shard file tensor by tensor. Expert bytes are moved to rank 0 in rounds
+of at most ``GATHER_BYTES`` (one message per owning rank per round), written, and dropped, so no
+rank ever holds more than its own parameters plus one round, whatever ``max_shard_size`` is.
+
+Atomicity: everything is written into a hidden sibling folder, which replaces ``path`` only once
+complete (an atomic exchange where Linux offers it); a crash before that leaves the old checkpoint
+untouched. Files in an existing ``path`` that are not weights (a tokenizer, a README) are carried
+over, as plain ``save_pretrained`` keeps them too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import shutil
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from huggingface_hub import get_torch_storage_id, get_torch_storage_size, split_state_dict_into_shards_factory
+from safetensors.torch import save as safetensors_bytes
+from transformers.core_model_loading import dot_natural_key
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from .checkpoint import expert_key, fused_key, row_parts
+from .patch import moe_layers, runtime_of
+
+GATHER_BYTES = 64 * 2**20  # bytes moved to rank 0 per round; bounds rank 0's extra memory during a save
+_PARTIAL_SUFFIX = ".hiermoe-partial"
+_OLD_SUFFIX = ".hiermoe-old"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Contiguous bytes of one checkpoint tensor, held by rank ``owner``.
+
+    A replicated tensor is one piece named by its state-dict key (read on rank 0). An expert piece is
+    rows [lo, hi) of logical expert ``expert``'s matrix in fused parameter ``param`` of ``block``.
+    """
+
+    owner: int
+    nbytes: int
+    dense_key: str | None = None
+    block: str = ""
+    param: str = ""
+    expert: int = -1
+    lo: int = 0
+    hi: int = 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the checkpoint: its bytes are its pieces, concatenated."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    storage_id: object  # tensors sharing storage in the unpatched model share a shard (as in plain saves)
+    storage_nbytes: int
+
+
+def save_pretrained(
+    model: torch.nn.Module,
+    save_directory: str | os.PathLike,
+    max_shard_size: int | str = "50GB",
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    save_original_format: bool = True,
+    is_main_process: bool = True,
+    state_dict: dict | None = None,
+    push_to_hub: bool = False,
+    save_function=None,
+    distributed_checkpoint: bool = False,
+) -> None:
+    """Write ``model`` (patched) as a Hub checkpoint; every rank calls it, rank 0 writes.
+
+    Args mirror ``PreTrainedModel.save_pretrained``: ``max_shard_size`` (e.g. ``"5GB"``), ``variant``
+    (``model.<variant>.safetensors``), ``save_original_format`` (True: per-expert keys as on the Hub;
+    False: fused ``experts.gate_up_proj`` [E, 2I, H] / ``experts.down_proj`` [E, H, I]).
+    ``is_main_process`` and ``save_function`` are accepted for Accelerate-style calls and ignored:
+    the save is collective and rank 0 writes.
+    """
+    del is_main_process, save_function  # collective: every rank takes part, rank 0 writes
+    if not safe_serialization:
+        raise ValueError("safe_serialization=False is not supported: hiermoe_hf writes safetensors only (valid: True)")
+    if state_dict is not None:
+        raise ValueError("state_dict= is not supported on a patched model: the experts are sharded over the ranks")
+    if push_to_hub:
+        raise ValueError("push_to_hub=True is not supported: save, then upload with huggingface_hub.upload_folder")
+    if distributed_checkpoint:
+        raise ValueError("distributed_checkpoint=True is not supported: hiermoe_hf writes one Hub-layout checkpoint")
+    runtime = runtime_of(model)
+    world, rank = runtime.world_size, runtime.rank
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
+
+    entries = _checkpoint_entries(model, save_original_format)
+    weights_name = _with_variant(SAFE_WEIGHTS_NAME, variant)
+    pattern = weights_name.replace(".safetensors", "{suffix}.safetensors")
+    split = split_state_dict_into_shards_factory(
+        entries,
+        get_storage_size=lambda entry: entry.storage_nbytes,
+        get_storage_id=lambda entry: entry.storage_id,
+        filename_pattern=pattern,
+        max_shard_size=max_shard_size,
+    )
+    files = {name: _data_order([entries[k] for k in keys]) for name, keys in split.filename_to_tensors.items()}
+    _check_same_plan(files, world)
+
+    error = None
+    partial = os.path.join(os.path.dirname(target), "." + os.path.basename(target) + _PARTIAL_SUFFIX)
+    if rank == 0:
+        try:
+            if os.path.lexists(partial):  # left by a save that crashed
+                shutil.rmtree(partial)
+            os.makedirs(partial)
+        except Exception:  # noqa: BLE001  (reported to every rank below, after the collective part)
+            error = traceback.format_exc()
+    comm_device = _comm_device()
+    for name, ordered in files.items():
+        error = _write_file(model, os.path.join(partial, name), ordered, world, rank, comm_device, error)
+    if rank == 0 and error is None:
+        try:
+            _write_index_and_configs(model, partial, split, variant)
+            _publish(partial, target)
+        except Exception:  # noqa: BLE001
+            error = traceback.format_exc()
+    if rank == 0 and error is not None:
+        shutil.rmtree(partial, ignore_errors=True)  # the old checkpoint, if any, was never touched
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RuntimeError(f"hiermoe_hf.save_pretrained failed on rank 0 writing {target!r}:\n{error}")
+
+
+def _checkpoint_entries(model: torch.nn.Module, original_format: bool) -> dict[str, Entry]:
+    """Every tensor the unpatched model's plain save would write, in the order it would visit them."""
+    layers = moe_layers(model)
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
+        state.pop(key, None)
+    state = remove_tied_weights_from_state_dict(state, model)
+    fused = {fused_key(block, p): (block, layer, p) for block, (_, layer) in layers.items() for p in layer.param_names}
+    absent = sorted(set(fused) - set(state))
+    if absent:
+        raise RuntimeError(f"patched experts missing from the state dict: {absent[:4]}")
+    # Transformers' reverse conversion visits keys in natural order; without it, the state-dict order stays.
+    items = sorted(state.items(), key=lambda kv: dot_natural_key(kv[0])) if original_format else list(state.items())
+    out: dict[str, Entry] = {}
+    for key, tensor in items:
+        if key in fused:
+            out.update(_expert_entries(key, tensor, *fused[key], original_format))
+            continue
+        piece = Piece(owner=0, nbytes=tensor.numel() * tensor.element_size(), dense_key=key)
+        storage = (get_torch_storage_id(tensor), get_torch_storage_size(tensor))
+        out[key] = Entry(key, tensor.dtype, tuple(tensor.shape), (piece,), *storage)
+    return out
+
+
+def _expert_entries(key, local, block, layer, param, original_format) -> dict[str, Entry]:
+    """Checkpoint tensors of one fused experts parameter (local slots ``local`` [e, rows, ...]), logical order."""
+    placement = layer.placement
+    num_experts, rows, rest = placement.num_experts, local.shape[1], tuple(local.shape[2:])
+    row_bytes = math.prod(rest) * local.element_size()
+
+    def piece(g: int, lo: int, hi: int) -> Piece:
+        return Piece(placement.rank_of(g), (hi - lo) * row_bytes, None, block, param, g, lo, hi)
+
+    if not original_format:
+        pieces = tuple(piece(g, 0, rows) for g in range(num_experts))
+        shape = (num_experts, rows, *rest)
+        return {key: Entry(key, local.dtype, shape, pieces, ("experts", key), num_experts * rows * row_bytes)}
+    out = {}
+    for part in row_parts(param, rows):
+        # A plain save holds each projection's experts as views of one tensor: one storage, one shard.
+        group, group_bytes = ("experts", key, part.projection), num_experts * (part.hi - part.lo) * row_bytes
+        shape = (part.hi - part.lo, *rest)
+        for g in range(num_experts):
+            name = expert_key(block, g, part.projection)
+            out[name] = Entry(name, local.dtype, shape, (piece(g, part.lo, part.hi),), group, group_bytes)
+    return out
+
+
+def _data_order(entries: list[Entry]) -> list[tuple[Entry, str]]:
+    """The order (and safetensors dtype name) in which safetensors lays these tensors out in a file.
+
+    Asked of safetensors itself, with empty stand-ins, so the streamed file matches ``save_file``'s.
+    """
+    blob = safetensors_bytes({e.key: torch.empty(0, dtype=e.dtype) for e in entries})
+    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+    by_key = {e.key: e for e in entries}
+    return [(by_key[k], header[k]["dtype"]) for k in header if k != "__metadata__"]
+
+
+def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int) -> None:
+    """Every rank must walk the same files and pieces, or the exchange would hang; check it once."""
+    if world == 1:
+        return
+    digest = hashlib.sha256()
+    for name, ordered in files.items():
+        digest.update(name.encode())
+        for entry, _ in ordered:
+            digest.update(repr((entry.key, entry.shape, [(p.owner, p.nbytes) for p in entry.pieces])).encode())
+    seen = [None] * world
+    dist.all_gather_object(seen, digest.hexdigest())
+    if len(set(seen)) != 1:
+        raise ValueError("ranks disagree on the checkpoint layout (different models or placements on different ranks)")
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _piece_bytes(model: torch.nn.Module, piece: Piece, layers: dict) -> torch.Tensor:
+    """This rank's bytes of ``piece``, as a flat uint8 tensor."""
+    if piece.dense_key is not None:
+        tensor = model.get_parameter_or_buffer(piece.dense_key)
+    else:
+        experts, layer = layers[piece.block]
+        slot = layer.placement.slot_of(piece.expert)
+        tensor = getattr(experts, piece.param)[slot, piece.lo : piece.hi]
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _rounds(pieces: list[Piece]) -> list[list[Piece]]:
+    """Consecutive pieces grouped into rounds of at most GATHER_BYTES (a bigger piece travels alone)."""
+    rounds, current, size = [], [], 0
+    for piece in pieces:
+        if current and size + piece.nbytes > GATHER_BYTES:
+            rounds.append(current)
+            current, size = [], 0
+        current.append(piece)
+        size += piece.nbytes
+    if current:
+        rounds.append(current)
+    return rounds
+
+
+def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | None:
+    """Stream one safetensors file: header, then each round's bytes as rank 0 receives them.
+
+    Once rank 0 has an error it keeps taking part in the exchange (so no rank hangs) but writes no
+    more; the error is returned and reported to every rank at the end.
+    """
+    layers = moe_layers(model)
+    handle = None
+    if rank == 0 and error is None:
+        try:
+            handle = open(path, "wb")
+            handle.write(_header(ordered))
+        except Exception:  # noqa: BLE001
+            error = traceback.format_exc()
+    pieces = [p for entry, _ in ordered for p in entry.pieces]
+    for round_ in _rounds(pieces):
+        if rank != 0:
+            mine = [_piece_bytes(model, p, layers) for p in round_ if p.owner == rank]
+            if mine:
+                dist.send(torch.cat(mine).to(comm_device), dst=0)
+            continue
+        received = {}
+        for src in range(1, world):
+            size = sum(p.nbytes for p in round_ if p.owner == src)
+            if size:
+                buf = torch.empty(size, dtype=torch.uint8, device=comm_device)
+                dist.recv(buf, src=src)
+                received[src] = (buf.cpu(), 0)
+        if error is not None:
+            continue
+        try:
+            for piece in round_:
+                if piece.owner == 0:
+                    data = _piece_bytes(model, piece, layers).cpu()
+                else:
+                    buf, at = received[piece.owner]
+                    data, received[piece.owner] = buf[at : at + piece.nbytes], (buf, at + piece.nbytes)
+                handle.write(memoryview(data.numpy()))
+        except Exception:  # noqa: BLE001
+            error = traceback.format_exc()
+    if handle is not None:
+        try:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        except Exception:  # noqa: BLE001
+            error = error or traceback.format_exc()
+    return error
+
+
+def _header(ordered: list[tuple[Entry, str]]) -> bytes:
+    """safetensors header: u64 length, JSON (metadata first, then tensors in data order), space padding to 8."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry, st_dtype in ordered:
+        nbytes = sum(p.nbytes for p in entry.pieces)
+        header[entry.key] = {"dtype": st_dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_index_and_configs(model, folder, split, variant) -> None:
+    """The index JSON (sharded saves only), config.json and generation_config.json, as a plain save writes them."""
+    if split.is_sharded:
+        # The unpatched model's parameter count: each fused expert tensor holds E, not E/W, experts.
+        hidden = sum(
+            getattr(ex, p).numel() // layer.local_experts * (layer.placement.num_experts - layer.local_experts)
+            for ex, layer in moe_layers(model).values()
+            for p in layer.param_names
+        )
+        index = {
+            "metadata": {"total_parameters": model.num_parameters() + hidden, **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        }
+        index_name = _with_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
+        with open(os.path.join(folder, index_name), "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # The same two config edits a plain save makes before writing config.json.
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    """``model.safetensors`` -> ``model.<variant>.safetensors``, as Transformers names variants."""
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def _is_weights_file(name: str) -> bool:
+    """Weights and index files of any earlier save in this folder (replaced, never carried over)."""
+    return name.startswith(("model.", "model-", "pytorch_model")) and (".safetensors" in name or ".bin" in name)
+
+
+def _publish(partial: str, target: str) -> None:
+    """Make the finished folder ``partial`` appear at ``target`` in one step (the old one stays until then)."""
+    if not os.path.lexists(target):
+        os.rename(partial, target)
+        return
+    for name in os.listdir(target):  # keep what a plain save would keep (tokenizer files, README, ...)
+        src, dst = os.path.join(target, name), os.path.join(partial, name)
+        if os.path.lexists(dst) or _is_weights_file(name):
+            continue
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+    if _exchange(partial, target):
+        shutil.rmtree(partial)  # now holds the old checkpoint
+        return
+    old = target + _OLD_SUFFIX  # no atomic exchange here: the old folder is renamed aside first
+    if os.path.lexists(old):
+        shutil.rmtree(old)
+    os.rename(target, old)
+    os.rename(partial, target)
+    shutil.rmtree(old)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
