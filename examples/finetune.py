@@ -71,7 +71,7 @@ def load_model_and_tokenizer(args, plugin: HierMoEPlugin, accelerator: Accelerat
     cfg = plugin.config(plugin.resolve_topology(accelerator.num_processes))
     try:
         model = hiermoe_hf.from_pretrained(args.model, cfg)
-    except OSError as err:  # missing folder, or a Hub name with no network
+    except (OSError, ValueError) as err:  # missing folder, malformed name, or a Hub name with no network
         raise SystemExit(f"finetune: cannot load --model {args.model!r}: {err}\n"
                          "Without network access pass a local folder (a save_pretrained checkpoint).") from None
     try:

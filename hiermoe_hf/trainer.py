@@ -118,7 +118,7 @@ class HierMoECallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.metrics:
+        if logs is not None and self.metrics and "loss" in logs:  # training logs, not the end-of-run summary
             logs.update(self.metrics)
             if self.last_grad_norm is not None and "grad_norm" not in logs:
                 logs["grad_norm"] = self.last_grad_norm
