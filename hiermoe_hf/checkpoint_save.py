@@ -5,18 +5,16 @@ Collective: every rank calls it; rank 0 writes. The result is what plain Transfo
 config), so a plain single-process ``from_pretrained`` reloads it, whatever the placement.
 
 Memory: rank 0 streams each shard file tensor by tensor. Expert bytes are moved to rank 0 in rounds
-of at most ``GATHER_BYTES`` (one message per owning rank per round), written, and dropped, so no
-rank ever holds more than its own parameters plus one round, whatever ``max_shard_size`` is.
+of at most ``GATHER_BYTES`` (one message per owning rank per round), written, and dropped, so a
+rank's extra memory during a save is bounded by the round size, not by the model or by
+``max_shard_size`` (which, as in Transformers, only decides how the files are cut).
 
 Atomicity: everything is written into a hidden sibling folder, which replaces ``path`` only once
-complete (an atomic exchange where Linux offers it); a crash before that leaves the old checkpoint
-untouched. Files in an existing ``path`` that are not weights (a tokenizer, a README) are carried
-over, as plain ``save_pretrained`` keeps them too.
+complete (``atomic_folder``); a crash before that leaves the old checkpoint untouched.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
@@ -28,17 +26,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from huggingface_hub import get_torch_storage_id, get_torch_storage_size, split_state_dict_into_shards_factory
-from safetensors.torch import save as safetensors_bytes
 from transformers.core_model_loading import dot_natural_key
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from . import safetensors_layout
+from .atomic_folder import partial_folder, publish
 from .checkpoint import expert_key, fused_key, row_parts
 from .patch import moe_layers, runtime_of
 
 GATHER_BYTES = 64 * 2**20  # bytes moved to rank 0 per round; bounds rank 0's extra memory during a save
-_PARTIAL_SUFFIX = ".hiermoe-partial"
-_OLD_SUFFIX = ".hiermoe-old"
 
 
 @dataclass(frozen=True)
@@ -103,7 +100,7 @@ def save_pretrained(
         raise ValueError("distributed_checkpoint=True is not supported: hiermoe_hf writes one Hub-layout checkpoint")
     runtime = runtime_of(model)
     world, rank = runtime.world_size, runtime.rank
-    target = os.path.abspath(os.fspath(save_directory))
+    target = os.path.realpath(os.fspath(save_directory))  # a symlinked folder is written where it points
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
 
@@ -121,7 +118,7 @@ def save_pretrained(
     _check_same_plan(files, world)
 
     error = None
-    partial = os.path.join(os.path.dirname(target), "." + os.path.basename(target) + _PARTIAL_SUFFIX)
+    partial = partial_folder(target)
     if rank == 0:
         try:
             if os.path.lexists(partial):  # left by a save that crashed
@@ -135,7 +132,7 @@ def save_pretrained(
     if rank == 0 and error is None:
         try:
             _write_index_and_configs(model, partial, split, variant)
-            _publish(partial, target)
+            publish(partial, target)
         except Exception:  # noqa: BLE001
             error = traceback.format_exc()
     if rank == 0 and error is not None:
@@ -197,14 +194,9 @@ def _expert_entries(key, local, block, layer, param, original_format) -> dict[st
 
 
 def _data_order(entries: list[Entry]) -> list[tuple[Entry, str]]:
-    """The order (and safetensors dtype name) in which safetensors lays these tensors out in a file.
-
-    Asked of safetensors itself, with empty stand-ins, so the streamed file matches ``save_file``'s.
-    """
-    blob = safetensors_bytes({e.key: torch.empty(0, dtype=e.dtype) for e in entries})
-    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+    """These entries in the order safetensors lays them out in a file, with safetensors' dtype names."""
     by_key = {e.key: e for e in entries}
-    return [(by_key[k], header[k]["dtype"]) for k in header if k != "__metadata__"]
+    return [(by_key[k], dtype) for k, dtype in safetensors_layout.data_order({e.key: e.dtype for e in entries})]
 
 
 def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int) -> None:
@@ -304,16 +296,9 @@ def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | 
 
 
 def _header(ordered: list[tuple[Entry, str]]) -> bytes:
-    """safetensors header: u64 length, JSON (metadata first, then tensors in data order), space padding to 8."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for entry, st_dtype in ordered:
-        nbytes = sum(p.nbytes for p in entry.pieces)
-        header[entry.key] = {"dtype": st_dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-(8 + len(raw)) % 8)
-    return len(raw).to_bytes(8, "little") + raw
+    return safetensors_layout.header(
+        [(e.key, dtype, e.shape, sum(p.nbytes for p in e.pieces)) for e, dtype in ordered], {"format": "pt"}
+    )
 
 
 def _write_index_and_configs(model, folder, split, variant) -> None:
@@ -346,49 +331,3 @@ def _with_variant(name: str, variant: str | None) -> str:
         return name
     stem, ext = name.rsplit(".", 1)
     return f"{stem}.{variant}.{ext}"
-
-
-def _is_weights_file(name: str) -> bool:
-    """Weights and index files of any earlier save in this folder (replaced, never carried over)."""
-    return name.startswith(("model.", "model-", "pytorch_model")) and (".safetensors" in name or ".bin" in name)
-
-
-def _publish(partial: str, target: str) -> None:
-    """Make the finished folder ``partial`` appear at ``target`` in one step (the old one stays until then)."""
-    if not os.path.lexists(target):
-        os.rename(partial, target)
-        return
-    for name in os.listdir(target):  # keep what a plain save would keep (tokenizer files, README, ...)
-        src, dst = os.path.join(target, name), os.path.join(partial, name)
-        if os.path.lexists(dst) or _is_weights_file(name):
-            continue
-        if os.path.isdir(src) and not os.path.islink(src):
-            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(src, dst)
-    if _exchange(partial, target):
-        shutil.rmtree(partial)  # now holds the old checkpoint
-        return
-    old = target + _OLD_SUFFIX  # no atomic exchange here: the old folder is renamed aside first
-    if os.path.lexists(old):
-        shutil.rmtree(old)
-    os.rename(target, old)
-    os.rename(partial, target)
-    shutil.rmtree(old)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(src, dst, follow_symlinks=False)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

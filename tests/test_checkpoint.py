@@ -288,3 +288,25 @@ def test_bad_arguments_are_value_errors(plain_checkpoints, tmp_path):
     model = hiermoe_hf.patch(build_model(tiny_qwen3_moe_config()))
     with pytest.raises(ValueError, match="safe_serialization=False"):
         model.save_pretrained(str(tmp_path / "x"), safe_serialization=False)
+
+
+def test_streamed_safetensors_layout_is_save_file_bytes(tmp_path):
+    """Header + raw bytes in data order (what the save streams) == safetensors' own save_file."""
+    from safetensors.torch import save_file
+
+    from hiermoe_hf import safetensors_layout
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(3, 5, generator=g), "a.weight": torch.randn(4, generator=g).to(torch.bfloat16),
+        "z.mask": torch.tensor([True, False, True]), "m.ids": torch.arange(6).view(2, 3),
+        "c.half": torch.randn(2, 2, generator=g).half(), "d.double": torch.randn(1, generator=g).double(),
+        "e.empty": torch.zeros(0, 4), "experts.10.w": torch.ones(2), "experts.9.w": torch.ones(2),
+    }
+    save_file(tensors, tmp_path / "plain.safetensors", metadata={"format": "pt"})
+    order = safetensors_layout.data_order({k: t.dtype for k, t in tensors.items()})
+    sizes = [(k, dtype, tuple(tensors[k].shape), tensors[k].numel() * tensors[k].element_size()) for k, dtype in order]
+    streamed = safetensors_layout.header(sizes, {"format": "pt"}) + b"".join(
+        tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for k, _ in order
+    )
+    assert streamed == (tmp_path / "plain.safetensors").read_bytes()
