@@ -1,7 +1,7 @@
 """Fine-tune a Hugging Face MoE model with HierMoE expert parallelism in an Accelerate loop.
 
     accelerate launch --config_file examples/accelerate_configs/cpu_4proc.yaml examples/finetune.py \\
-        --topology 2x2 --max-steps 60 --output-dir outputs/finetune
+        --topology 2x2 --max-steps 100 --output-dir outputs/finetune
 
 With no --model/--dataset it runs offline anywhere: an embedded Qwen3-MoE shaped like Qwen3-30B-A3B
 at toy size, a byte-level tokenizer and a corpus of Python standard-library docstrings. On a machine
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dispatch", default=None, help="auto | a2a | 2dh | hd1 .. hdD (default: HIERMOE_DISPATCH or auto)")
     p.add_argument("--topology", default=None, help="e.g. 2x2 (default: HIERMOE_TOPOLOGY or nodes x procs per node)")
     p.add_argument("--swap-interval", type=int, default=None, help="optimizer steps between expert swaps; 0 = never")
-    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--output-dir", default="outputs/finetune")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per process and step")
     p.add_argument("--seq-len", type=int, default=128)
