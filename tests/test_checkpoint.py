@@ -310,3 +310,12 @@ def test_streamed_safetensors_layout_is_save_file_bytes(tmp_path):
         tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for k, _ in order
     )
     assert streamed == (tmp_path / "plain.safetensors").read_bytes()
+
+
+def test_world_size_one_save_is_plain_save(tmp_path):
+    model = hiermoe_hf.patch(build_model(tiny_deepseek_v3_config()))
+    model.save_pretrained(str(tmp_path / "ours"), max_shard_size=SHARD, variant="v1")
+    build_model(tiny_deepseek_v3_config()).save_pretrained(str(tmp_path / "plain"), max_shard_size=SHARD, variant="v1")
+    ours, theirs = _files(str(tmp_path / "ours")), _files(str(tmp_path / "plain"))
+    assert list(ours) == list(theirs) and any(".v1." in name for name in ours)
+    assert [f for f in ours if ours[f] != theirs[f]] == []
