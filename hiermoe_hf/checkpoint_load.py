@@ -26,7 +26,7 @@ from transformers.core_model_loading import WeightConverter
 from transformers.models.auto.auto_factory import _get_model_class
 
 from . import patches
-from .checkpoint import fused_key, per_expert_key_pattern, row_parts
+from .checkpoint import EXPERT_PROJECTIONS, expert_key, fused_key, per_expert_key_pattern, row_parts
 from .config import HierMoEConfig
 from .hub_resolve import resolve_on_all_ranks
 from .patch import patch
@@ -60,7 +60,9 @@ def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None =
         )
     _check_device_map(hf_kwargs.get("device_map"))
     world, rank = _world()
-    Topology.resolve(cfg.topology, world)  # a bad topology fails before any weight is read
+    topology = Topology.resolve(cfg.topology, world)  # bad settings fail before any weight is read
+    if cfg.dispatch != "auto":
+        topology.stages(cfg.dispatch)
     hub = {k: hf_kwargs.pop(k) for k in _HUB_KWARGS if k in hf_kwargs}
     subfolder = hf_kwargs.pop("subfolder", "")
     folder = resolve_on_all_ranks(name_or_path, hub, world, rank)
@@ -173,8 +175,9 @@ def _mark_expert_conversions_used(weight_mapping, block: str) -> None:
     """
     for conversion in weight_mapping or []:
         if isinstance(conversion, WeightConverter):
-            for projection in ("gate_proj", "up_proj", "down_proj"):
-                conversion.rename_source_key(f"{block}.experts.0.{projection}.weight")
+            for projections in EXPERT_PROJECTIONS.values():
+                for projection in projections:
+                    conversion.rename_source_key(expert_key(block, 0, projection))
 
 
 class _ShardReader:
@@ -271,7 +274,7 @@ def _expert_stand_ins(reader, keys, block, experts, params, num_experts, lo, cou
         for expert in range(lo, lo + count):
             slot = []
             for part in parts:
-                key = f"{block}.experts.{expert}.{part.projection}.weight"
+                key = expert_key(block, expert, part.projection)
                 found, want = tuple(reader.slice(key).get_shape()), (part.hi - part.lo, *full[2:])
                 if found != want:
                     raise ValueError(_shape_error(folder, key, found, want))

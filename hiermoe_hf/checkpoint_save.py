@@ -104,6 +104,9 @@ def save_pretrained(
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
 
+    # The two config edits a plain save makes (on every rank) before writing config.json.
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
     entries = _checkpoint_entries(model, save_original_format)
     weights_name = _with_variant(SAFE_WEIGHTS_NAME, variant)
     pattern = weights_name.replace(".safetensors", "{suffix}.safetensors")
@@ -317,9 +320,6 @@ def _write_index_and_configs(model, folder, split, variant) -> None:
         index_name = _with_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
         with open(os.path.join(folder, index_name), "w", encoding="utf-8") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    # The same two config edits a plain save makes before writing config.json.
-    model.config.dtype = str(model.dtype).split(".")[1]
-    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
     model.config.save_pretrained(folder)
     if model.can_generate():
         model.generation_config.save_pretrained(folder)

@@ -283,6 +283,8 @@ def test_bad_arguments_are_value_errors(plain_checkpoints, tmp_path):
         hiermoe_hf.from_pretrained(folder, device_map="auto")
     with pytest.raises(ValueError, match="state_dict"):
         hiermoe_hf.from_pretrained(folder, state_dict={})
+    with pytest.raises(ValueError, match="2x2"):  # world size 1 here: before any weight is read
+        hiermoe_hf.from_pretrained(folder, hiermoe_hf.HierMoEConfig(topology="2x2"))
     with pytest.raises(ValueError, match="neither a local folder nor a valid Hub repo id"):
         hiermoe_hf.from_pretrained(str(tmp_path / "missing" / "folder"))
     model = hiermoe_hf.patch(build_model(tiny_qwen3_moe_config()))
