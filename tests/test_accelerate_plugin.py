@@ -143,17 +143,24 @@ def test_plugin_training_equals_single_process(ranks, world, kind, plugin_kw, ac
     assert metrics["hiermoe/tokens"] > 0
 
 
+# The "load" policy swaps whenever that lowers the busiest rank's load, so swaps surely happen on a
+# toy model (the dedup-aware "hierd" policy rightly finds moving experts not worth it at this size).
+SWAPPING = dict(swap_interval=3, swap_policy="load", swap_pairs=2)
+
+
 @needs_swap
 def test_plugin_training_with_swaps_equals_single_process(ranks):
-    results = ranks(4).run(train_job, "qwen", dict(topology="2x2", dispatch="hd2", swap_interval=3))
+    results = ranks(4).run(train_job, "qwen", dict(topology="2x2", dispatch="hd2", **SWAPPING))
     want_losses, want_norms = reference("qwen", 4)
     _assert_close(_rank_mean(results, 0), want_losses, "loss per step with swaps")
     _assert_close(results[0][1], want_norms, "clip norm with swaps")
     assert all(res[2] == results[0][2] for res in results), "placements differ between ranks"
+    assert results[0][3]["hiermoe/swaps_done"] > 0, "no swap happened: the test would prove nothing"
+    assert any(p != sorted(p) for p in results[0][2].values())
 
 
 def test_save_state_then_load_state_in_a_fresh_launch_continues_identically(ranks):
-    plugin_kw = dict(topology="2x2", dispatch="hd2", swap_interval=4 if HAVE_SWAP else 0)
+    plugin_kw = dict(topology="2x2", dispatch="hd2", **(SWAPPING if HAVE_SWAP else {}))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "state")
         full = ranks(4).run(train_job, "qwen", plugin_kw, save_at=6, save_dir=ckpt)
@@ -170,6 +177,9 @@ def test_save_state_then_load_state_in_a_fresh_launch_continues_identically(rank
         _assert_close(resumed[r][0], full[r][0][6:], f"rank {r}: resumed losses vs the uninterrupted run")
         assert resumed[r][2] == full[r][2], f"rank {r}: placements differ after resuming"
         assert resumed[r][4] == STEPS
+    if HAVE_SWAP:  # swaps before the save (step 3) and after the resume (steps 9, 12)
+        swaps = [res[0][3]["hiermoe/swaps_done"] for res in (full, resumed)]
+        assert swaps[0] > 0 and swaps[1] == swaps[0], swaps
     if not HAVE_SWAP:
         pytest.skip("resume checked without swaps: hiermoe_hf.swap.swap_experts is not there yet")
 
