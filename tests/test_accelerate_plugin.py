@@ -63,6 +63,8 @@ def train_job(kind, plugin_kw, steps=STEPS, accum=1, save_at=None, save_dir=None
 
     W, r = dist.get_world_size(), dist.get_rank()
     acc = _fresh_accelerator(gradient_accumulation_steps=accum)
+    logged = []  # what the plugin sends to the trackers, per optimizer step
+    acc.log = lambda values, step=None, log_kwargs=None: logged.append((step, values))
     model = build_model(_config(kind), seed=0 if resume_dir is None else 7).train()  # resume: weights come from disk
     opt = torch.optim.AdamW(model.parameters(), lr=LR)  # made before patching: prepare re-points it
     plugin = HierMoEPlugin(**plugin_kw)
@@ -88,7 +90,7 @@ def train_job(kind, plugin_kw, steps=STEPS, accum=1, save_at=None, save_dir=None
             acc.save_state(save_dir)
     layers = moe_layers(acc.unwrap_model(model))
     placements = {n: layer.placement.phys_of_E.tolist() for n, (_, layer) in layers.items()}
-    return losses, norms, placements, plugin.metrics, plugin.step
+    return losses, norms, placements, plugin.metrics, plugin.step, logged
 
 
 def reference(kind, world, steps=STEPS, accum=1):
@@ -140,7 +142,13 @@ def test_plugin_training_equals_single_process(ranks, world, kind, plugin_kw, ac
         _assert_close(res[1], want_norms, f"clip norm on rank {r}")
     metrics = results[0][3]
     assert metrics["hiermoe/step"] == STEPS
-    assert metrics["hiermoe/tokens"] > 0
+    # tokens routed, summed over ranks and MoE layers: every rank's micro-batches went through every layer
+    assert metrics["hiermoe/tokens"] == world * accum * B * L * _config(kind).num_hidden_layers - (
+        world * accum * B * L * getattr(_config(kind), "first_k_dense_replace", 0)
+    )
+    logged = results[0][5]
+    assert [step for step, _ in logged] == list(range(1, STEPS + 1)), "one tracker log per optimizer step"
+    assert logged[-1][1] == metrics
 
 
 # The "load" policy swaps whenever that lowers the busiest rank's load, so swaps surely happen on a

@@ -42,11 +42,12 @@ def _probe() -> torch.Tensor:
     return torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(9))
 
 
-def trainer_job(output_dir):
+def trainer_job(output_dir, callback_kw):
     import torch.distributed as dist
     from accelerate.state import AcceleratorState, GradientState
     from transformers import Trainer, TrainingArguments
 
+    from hiermoe_hf.patch import moe_layers
     from hiermoe_hf.trainer import HierMoECallback
 
     os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE=str(dist.get_world_size()))
@@ -58,7 +59,7 @@ def trainer_job(output_dir):
         save_strategy="steps", save_steps=STEPS, logging_steps=1, report_to="none", use_cpu=True,
         disable_tqdm=True, dataloader_drop_last=True, seed=0,
     )
-    callback = HierMoECallback(topology="1x2", dispatch="a2a")
+    callback = HierMoECallback(topology="1x2", dispatch="a2a", **callback_kw)
     trainer = Trainer(model=build_model(_config()).train(), args=args, train_dataset=_SameRow(), callbacks=[callback])
     trainer.train()
     model = trainer.model.eval()
@@ -66,7 +67,8 @@ def trainer_job(output_dir):
         logits = model(_probe()).logits
     final_dir = os.path.join(output_dir, "final")
     model.save_pretrained(final_dir)  # collective: every rank
-    return logits, callback.last_grad_norm, callback.metrics, args.max_grad_norm
+    placements = [layer.placement.phys_of_E.tolist() for _, layer in moe_layers(model).values()]
+    return logits, callback.last_grad_norm, callback.metrics, args.max_grad_norm, placements
 
 
 def reference_model():
@@ -87,9 +89,29 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_trainer_run_on_2_ranks_saves_a_checkpoint_that_plain_transformers_loads(ranks):
+try:
+    from hiermoe_hf.swap import swap_experts  # noqa: F401
+
+    HAVE_SWAP = True
+except ImportError:  # the swap issue's module is not there yet
+    HAVE_SWAP = False
+
+
+@pytest.mark.parametrize(
+    "callback_kw",
+    [
+        {},
+        pytest.param(
+            # "load" swaps whenever it evens the load: swaps surely happen on a toy model
+            dict(swap_interval=1, swap_policy="load", swap_pairs=2),
+            marks=pytest.mark.skipif(not HAVE_SWAP, reason="hiermoe_hf.swap.swap_experts is not there yet"),
+        ),
+    ],
+    ids=["no-swaps", "swaps"],
+)
+def test_trainer_run_on_2_ranks_saves_a_checkpoint_that_plain_transformers_loads(ranks, callback_kw):
     with tempfile.TemporaryDirectory() as tmp:
-        results = ranks(2).run(trainer_job, tmp)
+        results = ranks(2).run(trainer_job, tmp, callback_kw)
         ckpt = os.path.join(tmp, f"checkpoint-{STEPS}")
         assert os.path.exists(os.path.join(ckpt, "trainer_state.json")), os.listdir(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(ckpt).eval()
@@ -99,7 +121,7 @@ def test_trainer_run_on_2_ranks_saves_a_checkpoint_that_plain_transformers_loads
         want = ref(_probe()).logits
         got_ckpt = reloaded(_probe()).logits
         got_final = final(_probe()).logits
-    logits, grad_norm, metrics, trainer_clip = results[0]
+    logits, grad_norm, metrics, trainer_clip, placements = results[0]
     assert _rel(logits, want) < 1e-5, "trained patched model differs from single-process training"
     assert _rel(got_ckpt, want) < 1e-5, "Trainer checkpoint reloaded by plain from_pretrained differs"
     assert _rel(got_final, want) < 1e-5, "final save_pretrained reloaded differs"
@@ -108,6 +130,8 @@ def test_trainer_run_on_2_ranks_saves_a_checkpoint_that_plain_transformers_loads
     assert trainer_clip == 0.0  # the callback took over clipping from the Trainer
     assert metrics["hiermoe/step"] == STEPS and metrics["hiermoe/strategy/a2a"] > 0
     assert torch.equal(results[1][0], logits)  # both ranks computed the same logits
+    if callback_kw:
+        assert metrics["hiermoe/swaps_done"] > 0 and any(p != sorted(p) for p in placements)
 
 
 def save_model_job(output_dir):
