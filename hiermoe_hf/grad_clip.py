@@ -40,7 +40,8 @@ def clip_grad_norm_(
     expert_ids = {id(p) for p in expert_parameters(_unwrap(model))}
     dense = [p.grad for p in params if id(p) not in expert_ids]
     experts = [p.grad for p in params if id(p) in expert_ids]
-    device = params[0].grad.device if params else torch.device("cpu")
+    # Every rank must join the reduction, also one without grads; NCCL needs the tensor on the GPU.
+    device = params[0].grad.device if params else next(_unwrap(model).parameters()).device
     dense_norm = _norm(dense, norm_type, device)
     expert_norm = _norm(experts, norm_type, device)
     if norm_type == float("inf"):

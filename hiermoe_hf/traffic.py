@@ -60,7 +60,10 @@ class TrafficMeter:
 
     def __init__(self, model: torch.nn.Module):
         self.runtime = runtime_of(model)
-        self._handles = [e.register_forward_hook(self._after_forward) for e, _ in moe_layers(model).values()]
+        layers = list(moe_layers(model).values())
+        self._handles = [e.register_forward_hook(self._after_forward) for e, _ in layers]
+        # The cross-rank sum must live where the backend can reduce it (CUDA for NCCL): next to the experts.
+        self._probe = getattr(layers[0][0], layers[0][1].param_names[0]) if layers else None
         self._reset()
 
     def _reset(self) -> None:
@@ -95,7 +98,8 @@ class TrafficMeter:
     def pop(self, reduce: bool = False) -> dict:
         counts = dict(self.counts)
         if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([counts[f] for f in FIELDS], dtype=torch.float64)
+            device = self._probe.device if self._probe is not None else torch.device("cpu")
+            t = torch.tensor([counts[f] for f in FIELDS], dtype=torch.float64, device=device)
             dist.all_reduce(t)
             counts = {f: int(v) for f, v in zip(FIELDS, t.tolist())}
         counts["strategies"] = dict(self.strategies)
