@@ -8,10 +8,12 @@
 from .checkpoint_load import from_pretrained
 from .config import HierMoEConfig
 from .patch import is_patched, patch, stats, unpatch
+from .swap import swap_experts
 from .topology import Topology
 from .training import all_reduce_gradients
 
 __all__ = [
-    "HierMoEConfig", "Topology", "all_reduce_gradients", "from_pretrained", "is_patched", "patch", "stats", "unpatch",
+    "HierMoEConfig", "Topology", "all_reduce_gradients", "from_pretrained", "is_patched", "patch", "stats",
+    "swap_experts", "unpatch",
 ]
 __version__ = "0.1.0"

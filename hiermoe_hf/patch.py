@@ -16,6 +16,7 @@ from .kernels import select_ops
 from .placement import Placement
 from .state import LayerState, Runtime
 from .strategy import pick_strategy
+from .swap_stats import record_routing
 from .topology import Topology
 
 _STATE_ATTR = "_hiermoe_runtime"
@@ -129,7 +130,7 @@ def _experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, t
         "load_per_rank": torch.bincount((phys_TK // e).flatten(), minlength=rt.world_size).tolist(),
     }
     if layer.runtime.config.swap_interval > 0 or getattr(layer, "record_routing", False):
-        layer.routing.append(topk_ids_TK.detach())
+        record_routing(layer, topk_ids_TK, hidden_TH.requires_grad)  # bounded window for swap planning
     return out_TH
 
 

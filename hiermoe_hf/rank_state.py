@@ -61,7 +61,7 @@ class RankStateStore:
             layers[name] = {
                 "placement": layer.placement.state_dict(),
                 "params": {p: getattr(experts, p).detach().cpu() for p in layer.param_names},
-                "routing": [r.cpu() for r in layer.routing],
+                "routing": layer.routing.state_dict(),
                 "swaps": list(layer.swaps),
             }
         optimizer_state = {}
@@ -121,7 +121,7 @@ class RankStateStore:
             experts, layer = layers[name]
             layer.placement.load_state_dict(saved["placement"])
             device = getattr(experts, layer.param_names[0]).device
-            layer.routing[:] = [r.to(device) for r in saved["routing"]]
+            layer.routing.load_state_dict(saved["routing"], device)
             layer.swaps[:] = saved["swaps"]
             self._pending_params[name] = saved["params"]
         self._pending_optimizer = payload["optimizer"] if self.optimizer is not None else None

@@ -9,6 +9,7 @@ import torch
 from .comm import StageGroups
 from .config import HierMoEConfig
 from .placement import Placement
+from .swap_stats import RoutingStats
 from .topology import Topology
 
 
@@ -37,7 +38,7 @@ class LayerState:
     param_names: tuple[str, ...]
     last: dict = field(default_factory=dict)
     swaps: list = field(default_factory=list)
-    routing: list = field(default_factory=list)  # recent topk ids [T, K] (logical), for swap planning
+    routing: RoutingStats = field(default_factory=RoutingStats)  # recent logical top-k ids, for swaps
 
     @property
     def local_experts(self) -> int:

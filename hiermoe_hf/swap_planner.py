@@ -1,0 +1,458 @@
+"""Expert-swap planner (DESIGN.md section 8): pure functions, identical inputs give identical plans.
+
+Inputs are a global routing window (every rank's recent tokens: logical top-k ids ``ids_NK`` and
+the rank each token started on, ``origin_N``) and the current placement as ``rank_of_E`` (int64
+[E], the rank holding each logical expert).
+
+Row counts. Every stage of a strategy is a set of cells ``(holder rank h, member m of h's group)``,
+flattened as ``h * S + m`` (the same layout as ``cost_model.stage_rows``' ``[W, S]``). A row of a
+token that started on rank ``o`` and goes towards destination rank ``d`` lands in cell
+``cell_OD[o, d]`` (``d``'s digits for the stages already crossed, ``o``'s for the rest). A
+de-duplicated stage varying digits ``[lo, hi)`` sends one row per (token, distinct *key*
+``d // stride(hi)``), i.e. per level-``hi`` subtree; a plain stage (``a2a``, ``2dh``) one per
+selection, whose key is then the rank itself.
+
+Delta rule. Exchanging experts ``a`` (key Ga) and ``b`` (key Gb, Gb != Ga) changes a token only if
+it selects exactly one of them. With ``c_t(G)`` the token's selections under key G, a token with
+``a`` but not ``b`` loses its Ga row iff ``c_t(Ga) == 1`` and gains a Gb row iff ``c_t(Gb) == 0``
+(symmetrically for ``b``). Summed per origin rank:
+
+    at Ga:  -(lone[a, o] - lone_both[a, b, o]) + gain[b, Ga, o]
+    at Gb:  -(lone[b, o] - lone_both[b, a, o]) + gain[a, Gb, o]
+
+``lone[x, o]``: tokens from o selecting x alone under its key; ``gain[x, G, o]``: tokens from o
+selecting x with nothing under G; ``lone_both[x, y, o]``: tokens from o selecting x and y with x
+alone under its key (they keep their row: y moves in). One pass over the N*K selections builds
+``lone`` and ``gain`` (O(N*K*G), G <= E groups) and ``lone_both`` (O(N*K^2)), so every pair's counts
+cost O(N*K*E) in all, not a recount per pair. Plain stages move ``sel[o, a] - sel[o, b]`` rows
+from ``d = rank(a)`` to ``rank(b)``.
+
+Objective (per forward, seconds): dispatch + combine of the current strategy, each stage
+``latency_terms * alpha + exchanges * S * row_bytes * beta * smoothmax(off-diagonal cells)``
+(4 latencies and 2 crossings of the rows per forward; gamma = 10; the
+cost model's hard maximum is the limit gamma -> inf), plus the expert compute
+``compute_s_per_row * smoothmax(rows per rank)``. ``hierd`` takes the pair with the largest
+saving over the interval (objective difference times the passes recorded) if that exceeds the
+modelled cost of moving both experts over the slowest link between their ranks. ``load``
+(SmartMoE/EPLB-style) takes the pair that most lowers the largest raw selection count per rank.
+
+Shapes: N tokens in the window, K top-k, E experts, W ranks, S group members, C = W*S cells,
+G keys of a stage, P candidate pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import cost_model as cm
+from .topology import Stage, Topology
+
+DEFAULT_GAMMA = 10.0
+# Expert MLP throughput used to price one (token, expert) row when nothing better is known: a
+# current GPU at a realistic fraction of its bf16 peak. Only the ratio to the link speeds matters.
+DEFAULT_FLOPS = 1e14
+PAIR_CHUNK = 4096  # pairs evaluated at once: bounds the [P, C] temporaries
+
+
+@dataclass(frozen=True)
+class RoutingWindow:
+    """Every rank's recent routing for one layer, the same on every rank.
+
+    ids_NK: int64 [N, K] logical expert ids (-1: no selection); origin_N: int64 [N] rank each token
+    started on; rows_scale: factor turning window counts into one forward's counts; passes: forward
+    and backward passes over the interval the window stands for (the saving accrues per pass).
+    """
+
+    ids_NK: torch.Tensor
+    origin_N: torch.Tensor
+    rows_scale: float = 1.0
+    passes: float = 1.0
+
+
+@dataclass(frozen=True)
+class PlannerCosts:
+    """What the objective prices: cost-model constants, bytes per row, compute per row, smoothness."""
+
+    cost_model: cm.CostModel
+    row_bytes: float
+    compute_s_per_row: float = 0.0
+    gamma: float = DEFAULT_GAMMA
+    # Per stage and forward: the dispatch's 3 collectives (counts, rows, route) and the combine's 1
+    # pay the latency; the rows cross twice (out and back).
+    latency_terms: float = 4.0
+    exchanges: float = 2.0
+
+
+@dataclass(frozen=True)
+class SwapChoice:
+    """One planned exchange of logical experts ``a`` and ``b`` (held by ``rank_a`` != ``rank_b``)."""
+
+    a: int
+    b: int
+    rank_a: int
+    rank_b: int
+    saving_s: float  # modelled objective saving over the interval (may be < 0 for the load policy)
+    move_cost_s: float  # modelled time of moving both experts' weights, grads and optimizer state
+
+
+def strategy_for(topology: Topology, dispatch: str, last_strategy: str | None = None) -> str:
+    """The strategy whose stages the objective models: the one last used, else the configured
+    one; ``auto`` without a last use models the deepest de-duplicated strategy ``hdD``."""
+    if last_strategy and last_strategy in topology.strategies():
+        return last_strategy
+    if dispatch == "auto":
+        return f"hd{topology.depth}"
+    topology.stages(dispatch)  # raises for a strategy this topology lacks
+    return dispatch
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells and row counts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageCells:
+    """One stage's cell map. cell_OG: int64 [W, G] cell of a row from origin o under key g;
+    key_div: key = dest_rank // key_div; offdiag_C: bool [C], cells that leave the holder."""
+
+    stage: Stage
+    group_size: int
+    key_div: int
+    cell_OG: torch.Tensor
+    offdiag_C: torch.Tensor
+
+    @property
+    def num_cells(self) -> int:
+        return self.offdiag_C.numel()
+
+
+def stage_cells(topology: Topology, strategy: str) -> list[StageCells]:
+    """Cell maps of every stage of ``strategy``, by walking each (origin, destination) pair through it."""
+    W = topology.world_size
+    o_OD = torch.arange(W).view(W, 1).expand(W, W)
+    d_OD = torch.arange(W).view(1, W).expand(W, W)
+    holder_OD = o_OD.clone()
+    out = []
+    for st in topology.stages(strategy):
+        S, div = topology.group_size(st), topology.stride(st.hi)
+        member_OD = topology.member_of(d_OD, st)
+        cell_OD = holder_OD * S + member_OD
+        # A de-duplicated stage's rows are per level-hi subtree: the cell depends on d // div only.
+        key_div = div if st.dedup else 1
+        reps = torch.arange(0, W, key_div)
+        cell_OG = cell_OD[:, reps].contiguous()
+        own = topology.member_of(torch.arange(W), st)
+        offdiag = torch.ones(W, S, dtype=torch.bool)
+        offdiag[torch.arange(W), own] = False
+        out.append(StageCells(st, S, key_div, cell_OG, offdiag.view(-1)))
+        holder_OD = holder_OD + (member_OD - topology.member_of(holder_OD, st)) * div
+    return out
+
+
+def _valid(ids_NK: torch.Tensor, rank_of_E: torch.Tensor):
+    valid_NK = ids_NK >= 0
+    x_NK = ids_NK.clamp(min=0)
+    return valid_NK, x_NK, rank_of_E[x_NK]
+
+
+def stage_counts(
+    ids_NK: torch.Tensor, origin_N: torch.Tensor, rank_of_E: torch.Tensor, topology: Topology, strategy: str
+) -> list[torch.Tensor]:
+    """Rows per cell for every stage: one int64 [C] (= [W, S] flattened) per stage."""
+    return [_summarise(ids_NK, origin_N, rank_of_E, sc, topology.world_size, with_pairs=False).base_C
+            for sc in stage_cells(topology, strategy)]
+
+
+@dataclass
+class _Summary:
+    """Per-stage sufficient statistics of the delta rule (see the module docstring)."""
+
+    cells: StageCells
+    base_C: torch.Tensor  # int64 [C] rows per cell now
+    key_E: torch.Tensor  # int64 [E] key of each expert's rank
+    lone_EW: torch.Tensor | None = None  # dedup: int64 [E, W]
+    gain_EGW: torch.Tensor | None = None  # dedup: int64 [E, G, W]
+    both_EEW: torch.Tensor | None = None  # dedup: int64 [E, E, W]
+    sel_EW: torch.Tensor | None = None  # plain: int64 [E, W] selections per (expert, origin)
+
+
+def _summarise(ids_NK, origin_N, rank_of_E, sc: StageCells, W: int, with_pairs: bool = True) -> _Summary:
+    E = rank_of_E.numel()
+    N, K = ids_NK.shape
+    dev = ids_NK.device
+    valid_NK, x_NK, d_NK = _valid(ids_NK, rank_of_E)
+    cell_OG = sc.cell_OG.to(dev)
+    G = cell_OG.shape[1]
+    key_E = rank_of_E // sc.key_div
+    g_NK = d_NK // sc.key_div
+    o_NK = origin_N.view(N, 1).expand(N, K)
+    C = sc.num_cells
+    if not sc.stage.dedup:
+        base = torch.bincount(cell_OG[o_NK[valid_NK], g_NK[valid_NK]], minlength=C)
+        summary = _Summary(sc, base, key_E)
+        if with_pairs:
+            sel = torch.bincount(x_NK[valid_NK] * W + o_NK[valid_NK], minlength=E * W)
+            summary.sel_EW = sel.view(E, W)
+        return summary
+    # c_NG[t, g]: the token's selections under key g (the sentinel column G collects invalid ones).
+    g_or_sentinel = torch.where(valid_NK, g_NK, G)
+    c_NG = torch.zeros(N, G + 1, dtype=torch.int64, device=dev).scatter_add_(
+        1, g_or_sentinel, torch.ones_like(g_or_sentinel))[:, :G]
+    hit_t, hit_g = c_NG.nonzero(as_tuple=True)
+    base = torch.bincount(cell_OG[origin_N[hit_t], hit_g], minlength=C)
+    summary = _Summary(sc, base, key_E)
+    if not with_pairs:
+        return summary
+    t_Q, k_Q = valid_NK.nonzero(as_tuple=True)  # Q valid selections
+    x_Q, o_Q = x_NK[t_Q, k_Q], origin_N[t_Q]
+    alone_Q = c_NG[t_Q, g_NK[t_Q, k_Q]] == 1
+    xo_Q = x_Q * W + o_Q
+    summary.lone_EW = torch.bincount(xo_Q[alone_Q], minlength=E * W).view(E, W)
+    zero_QG = (c_NG[t_Q] == 0).to(torch.int64)
+    gain = torch.zeros(E * W, G, dtype=torch.int64, device=dev).index_add_(0, xo_Q, zero_QG)
+    summary.gain_EGW = gain.view(E, W, G).permute(0, 2, 1).contiguous()
+    # Ordered pairs (k1, k2), k1 != k2, of one token's valid selections, with k1 alone under its key.
+    k1, k2 = torch.meshgrid(torch.arange(K, device=dev), torch.arange(K, device=dev), indexing="ij")
+    off = k1 != k2
+    k1, k2 = k1[off], k2[off]
+    alone_NK = torch.zeros(N, K, dtype=torch.bool, device=dev)
+    alone_NK[t_Q, k_Q] = alone_Q
+    keep_NJ = valid_NK[:, k1] & valid_NK[:, k2] & alone_NK[:, k1]
+    idx = (x_NK[:, k1] * E + x_NK[:, k2]) * W + origin_N.view(N, 1)
+    summary.both_EEW = torch.bincount(idx[keep_NJ], minlength=E * E * W).view(E, E, W)
+    return summary
+
+
+def _pair_counts(s: _Summary, rank_of_E: torch.Tensor, a_P: torch.Tensor, b_P: torch.Tensor) -> torch.Tensor:
+    """int64 [P, C]: the stage's rows per cell after exchanging each pair (a_P[i], b_P[i])."""
+    ka, kb = s.key_E[a_P], s.key_E[b_P]
+    if s.cells.stage.dedup:
+        d_a = -(s.lone_EW[a_P] - s.both_EEW[a_P, b_P]) + s.gain_EGW[b_P, ka]
+        d_b = -(s.lone_EW[b_P] - s.both_EEW[b_P, a_P]) + s.gain_EGW[a_P, kb]
+    else:
+        d_a = s.sel_EW[b_P] - s.sel_EW[a_P]
+        d_b = -d_a
+    same = (ka == kb).view(-1, 1)  # both under one key: nothing changes in this stage
+    d_a, d_b = d_a.masked_fill(same, 0), d_b.masked_fill(same, 0)
+    cell_OG = s.cells.cell_OG.to(a_P.device)
+    out = s.base_C.view(1, -1).repeat(a_P.numel(), 1)
+    out.scatter_add_(1, cell_OG[:, ka].T, d_a)
+    out.scatter_add_(1, cell_OG[:, kb].T, d_b)
+    return out
+
+
+def pair_stage_counts(
+    ids_NK: torch.Tensor,
+    origin_N: torch.Tensor,
+    rank_of_E: torch.Tensor,
+    topology: Topology,
+    strategy: str,
+    pairs_P2: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Rows per cell after exchanging each pair, by the delta rule: one int64 [P, C] per stage."""
+    pairs_P2 = pairs_P2.to(ids_NK.device)
+    W = topology.world_size
+    return [
+        _pair_counts(_summarise(ids_NK, origin_N, rank_of_E, sc, W), rank_of_E, pairs_P2[:, 0], pairs_P2[:, 1])
+        for sc in stage_cells(topology, strategy)
+    ]
+
+
+def candidate_pairs(rank_of_E: torch.Tensor, exclude: set[int] | frozenset = frozenset()) -> torch.Tensor:
+    """int64 [P, 2]: every pair a < b of experts on different ranks, lexicographic, none in ``exclude``."""
+    E = rank_of_E.numel()
+    a, b = torch.triu_indices(E, E, offset=1, device=rank_of_E.device)
+    keep = rank_of_E[a] != rank_of_E[b]
+    if exclude:
+        ex = torch.zeros(E, dtype=torch.bool, device=rank_of_E.device)
+        ex[list(exclude)] = True
+        keep &= ~ex[a] & ~ex[b]
+    return torch.stack([a[keep], b[keep]], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective
+# ---------------------------------------------------------------------------------------------
+
+
+def smooth_max(x_PC: torch.Tensor, gamma: float, scale: float) -> torch.Tensor:
+    """Smooth maximum over the last dim: ``scale/gamma * log(mean(exp(gamma * x / scale)))``.
+
+    Lies between the mean and the maximum and tends to the maximum as gamma grows; ``scale`` (a
+    typical value, e.g. the mean now) makes gamma unit-free. Unlike the hard maximum it rewards
+    lowering the second-largest value too, so greedy swaps do not stall on plateaus.
+    """
+    x = x_PC.to(torch.float64)
+    C = x.shape[-1]
+    if C == 0:
+        return x.new_zeros(x.shape[:-1])
+    if scale <= 0:
+        return x.max(dim=-1).values
+    return scale / gamma * (torch.logsumexp(gamma * x / scale, dim=-1) - math.log(C))
+
+
+def loads_per_rank(sel_E: torch.Tensor, rank_of_E: torch.Tensor, W: int) -> torch.Tensor:
+    """int64 [W]: (token, expert) rows each rank computes, from selections per expert sel_E [E]."""
+    return torch.zeros(W, dtype=torch.int64, device=sel_E.device).index_add_(0, rank_of_E, sel_E)
+
+
+def selections_per_expert(ids_NK: torch.Tensor, E: int) -> torch.Tensor:
+    """int64 [E]: how often each logical expert was selected in the window."""
+    return torch.bincount(ids_NK[ids_NK >= 0], minlength=E)
+
+
+class Objective:
+    """The hierd objective for one layer's window under one placement (rebuild after each swap)."""
+
+    def __init__(self, window: RoutingWindow, rank_of_E: torch.Tensor, topology: Topology, strategy: str,
+                 costs: PlannerCosts):
+        self.window, self.rank_of_E, self.topology, self.costs = window, rank_of_E, topology, costs
+        W = topology.world_size
+        self.summaries = [
+            _summarise(window.ids_NK, window.origin_N, rank_of_E, sc, W)
+            for sc in stage_cells(topology, strategy)
+            if sc.group_size > 1
+        ]
+        self.sel_E = selections_per_expert(window.ids_NK, rank_of_E.numel())
+        self.load_W = loads_per_rank(self.sel_E, rank_of_E, W)
+        f = window.rows_scale
+        # Smooth-max scales fixed by the current placement, so every pair is priced by one function.
+        self._scales = [f * s.base_C[s.cells.offdiag_C.to(s.base_C.device)].double().mean().item()
+                        for s in self.summaries]
+        self._load_scale = f * self.load_W.double().mean().item()
+        self.now_s = self._price([s.base_C.view(1, -1) for s in self.summaries], self.load_W.view(1, -1)).item()
+
+    def _price(self, counts: list[torch.Tensor], load_PW: torch.Tensor) -> torch.Tensor:
+        c, f, t = self.costs, self.window.rows_scale, 0.0
+        for s, counts_PC, scale in zip(self.summaries, counts, self._scales):
+            sc = c.cost_model.stage_cost(s.cells.stage)
+            off = counts_PC[:, s.cells.offdiag_C.to(counts_PC.device)]
+            peer_rows = smooth_max(f * off, c.gamma, scale)
+            t = t + c.latency_terms * sc.alpha + c.exchanges * s.cells.group_size * c.row_bytes * sc.beta * peer_rows
+        return t + c.compute_s_per_row * smooth_max(f * load_PW, c.gamma, self._load_scale)
+
+    def after(self, pairs_P2: torch.Tensor) -> torch.Tensor:
+        """float64 [P]: the objective (s per forward) after exchanging each pair."""
+        out = []
+        for chunk in pairs_P2.split(PAIR_CHUNK):
+            a, b = chunk[:, 0], chunk[:, 1]
+            counts = [_pair_counts(s, self.rank_of_E, a, b) for s in self.summaries]
+            load = self.load_W.view(1, -1).repeat(chunk.shape[0], 1)
+            moved = self.sel_E[a] - self.sel_E[b]
+            load.scatter_add_(1, self.rank_of_E[a].view(-1, 1), -moved.view(-1, 1))
+            load.scatter_add_(1, self.rank_of_E[b].view(-1, 1), moved.view(-1, 1))
+            out.append(self._price(counts, load))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def savings(self, pairs_P2: torch.Tensor) -> torch.Tensor:
+        """float64 [P]: modelled seconds saved over the interval by each exchange."""
+        return (self.now_s - self.after(pairs_P2)) * self.window.passes
+
+
+def move_cost_s(topology: Topology, cost_model: cm.CostModel, rank_a: int, rank_b: int, nbytes: float) -> float:
+    """Modelled seconds to exchange ``nbytes`` each way between two ranks, over the slowest link
+    between them: the stage of the outermost digit where they differ, priced as that stage's
+    collective with every member sending ``nbytes`` (conservative for a single pair)."""
+    if rank_a == rank_b:
+        return 0.0
+    da, db = topology.digits(rank_a), topology.digits(rank_b)
+    level = next(i for i, (x, y) in enumerate(zip(da, db)) if x != y)
+    stage = topology.stages(f"hd{topology.depth}")[level]
+    return cost_model.collective_time(topology, stage, nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_hierd(
+    window: RoutingWindow,
+    rank_of_E: torch.Tensor,
+    topology: Topology,
+    strategy: str,
+    costs: PlannerCosts,
+    move_cost: Callable[[int, int], float],
+    max_pairs: int = 1,
+) -> list[SwapChoice]:
+    """Greedy de-duplication-aware plan: up to ``max_pairs`` exchanges, each the pair with the
+    largest modelled saving over the interval, taken only if that saving exceeds its move cost.
+    Experts already moved in this round are not moved again. ``rank_of_E`` is not modified."""
+    rank_of_E = rank_of_E.clone()
+    chosen: list[SwapChoice] = []
+    used: set[int] = set()
+    for _ in range(max_pairs):
+        pairs = candidate_pairs(rank_of_E, used)
+        if pairs.numel() == 0 or window.ids_NK.numel() == 0:
+            break
+        obj = Objective(window, rank_of_E, topology, strategy, costs)
+        saving = obj.savings(pairs)
+        best = int(torch.argmax(saving))  # the first of equal maxima: lexicographic tie-break
+        a, b = int(pairs[best, 0]), int(pairs[best, 1])
+        ra, rb = int(rank_of_E[a]), int(rank_of_E[b])
+        cost = move_cost(ra, rb)
+        if not saving[best].item() > cost:
+            break
+        chosen.append(SwapChoice(a, b, ra, rb, saving[best].item(), cost))
+        rank_of_E[a], rank_of_E[b] = rb, ra
+        used |= {a, b}
+    return chosen
+
+
+def plan_load(
+    window: RoutingWindow,
+    rank_of_E: torch.Tensor,
+    topology: Topology,
+    strategy: str,
+    costs: PlannerCosts,
+    move_cost: Callable[[int, int], float],
+    max_pairs: int = 1,
+) -> list[SwapChoice]:
+    """Baseline (SmartMoE/EPLB-style): up to ``max_pairs`` exchanges, each the pair that most lowers
+    the largest raw selection count per rank (ties: the lower sum of squared loads, then the
+    lexicographically first pair); taken whenever it lowers that maximum, whatever the traffic.
+    The records carry hierd's modelled saving of the same pair for comparison."""
+    rank_of_E = rank_of_E.clone()
+    W = topology.world_size
+    sel_E = selections_per_expert(window.ids_NK, rank_of_E.numel())
+    chosen: list[SwapChoice] = []
+    used: set[int] = set()
+    for _ in range(max_pairs):
+        pairs = candidate_pairs(rank_of_E, used)
+        if pairs.numel() == 0:
+            break
+        load_W = loads_per_rank(sel_E, rank_of_E, W)
+        a_P, b_P = pairs[:, 0], pairs[:, 1]
+        moved = (sel_E[a_P] - sel_E[b_P]).view(-1, 1)
+        new_PW = load_W.view(1, -1).repeat(pairs.shape[0], 1)
+        new_PW.scatter_add_(1, rank_of_E[a_P].view(-1, 1), -moved)
+        new_PW.scatter_add_(1, rank_of_E[b_P].view(-1, 1), moved)
+        peak_P = new_PW.max(dim=1).values
+        sq_P = (new_PW * new_PW).sum(dim=1)
+        lowest = peak_P.min()
+        if not lowest < load_W.max():
+            break
+        best = int(torch.argmin(torch.where(peak_P == lowest, sq_P, torch.iinfo(torch.int64).max)))
+        a, b = int(a_P[best]), int(b_P[best])
+        ra, rb = int(rank_of_E[a]), int(rank_of_E[b])
+        obj = Objective(window, rank_of_E, topology, strategy, costs)
+        saving = obj.savings(pairs[best : best + 1])[0].item()
+        chosen.append(SwapChoice(a, b, ra, rb, saving, move_cost(ra, rb)))
+        rank_of_E[a], rank_of_E[b] = rb, ra
+        used |= {a, b}
+    return chosen
+
+
+POLICIES = {"hierd": plan_hierd, "load": plan_load}
+
+
+def plan(policy: str, *args, **kwargs) -> list[SwapChoice]:
+    """Dispatch to ``plan_hierd`` or ``plan_load``; ValueError for any other policy."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown swap policy {policy!r}; valid: {', '.join(POLICIES)}")
+    return POLICIES[policy](*args, **kwargs)

@@ -1,0 +1,143 @@
+"""Routing statistics for the expert swap: a bounded window of recent routing per MoE layer.
+
+The swap planner needs every token's whole set of experts and the rank it started on: de-duplicated
+row counts are not additive over experts (a token sends one row per group it hits, however many
+of its experts sit there), so per-expert counters cannot price a swap. Each rank therefore keeps,
+per MoE layer, its last ``capacity`` tokens' logical top-k ids in a ring buffer on the routing's
+device (int32 [capacity, K]; -1 = empty or an invalid/sentinel id), plus counters of the interval
+since the last planning round. Recording is one ``index_copy_`` per forward, without a host sync.
+At planning time ``gather_windows`` collects every rank's buffer, so all ranks plan on the same
+global routing and reach the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .swap_planner import RoutingWindow
+
+DEFAULT_CAPACITY = 4096  # tokens per rank per layer; the window bounds memory and planning time
+_META = ("filled", "tokens", "forwards", "passes", "capacity", "topk")
+
+
+@dataclass
+class RoutingStats:
+    """One MoE layer's recent routing on this rank.
+
+    ids_NK: int32 [capacity, K] ring buffer of logical ids (None until the first record);
+    tokens / forwards / passes: since the last planning round (a forward under autograd counts two
+    passes: its backward repeats the exchange).
+    """
+
+    capacity: int = DEFAULT_CAPACITY
+    ids_NK: torch.Tensor | None = None
+    next: int = 0
+    filled: int = 0
+    tokens: int = 0
+    forwards: int = 0
+    passes: int = 0
+
+    def record(self, topk_ids_TK: torch.Tensor, num_experts: int, training: bool) -> None:
+        """Append one forward's logical top-k ids [T, K] (ids outside 0..E-1 are stored as -1)."""
+        T, K = topk_ids_TK.shape
+        if self.ids_NK is None or self.ids_NK.shape[1] != K or self.ids_NK.device != topk_ids_TK.device:
+            self.ids_NK = torch.full((self.capacity, K), -1, dtype=torch.int32, device=topk_ids_TK.device)
+            self.next = self.filled = 0
+        ids = topk_ids_TK.detach()
+        if T > self.capacity:  # an evenly strided sample keeps the window spread over the batch
+            ids = ids[:: math.ceil(T / self.capacity)]
+        n = ids.shape[0]
+        clean = torch.where((ids >= 0) & (ids < num_experts), ids, -1).to(torch.int32)
+        pos = (self.next + torch.arange(n, device=ids.device)) % self.capacity
+        self.ids_NK.index_copy_(0, pos, clean)
+        self.next = (self.next + n) % self.capacity
+        self.filled = min(self.capacity, self.filled + n)
+        self.tokens += T
+        self.forwards += 1
+        self.passes += 2 if training else 1
+
+    def window(self) -> torch.Tensor:
+        """int32 [filled, K]: the tokens held now (oldest first is not guaranteed)."""
+        if self.ids_NK is None:
+            return torch.zeros(0, 0, dtype=torch.int32)
+        return self.ids_NK[: self.filled] if self.filled < self.capacity else self.ids_NK
+
+    def end_interval(self) -> None:
+        """Start a new interval: the window stays (it is still recent routing), the counters restart."""
+        self.tokens = self.forwards = self.passes = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "capacity": self.capacity,
+            "ids_NK": None if self.ids_NK is None else self.ids_NK.cpu(),
+            "next": self.next,
+            "filled": self.filled,
+            "tokens": self.tokens,
+            "forwards": self.forwards,
+            "passes": self.passes,
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        ids = state["ids_NK"]
+        self.capacity = int(state["capacity"])
+        self.ids_NK = None if ids is None else ids.to(device=device, dtype=torch.int32)
+        for key in ("next", "filled", "tokens", "forwards", "passes"):
+            setattr(self, key, int(state[key]))
+
+
+def record_routing(layer, topk_ids_TK: torch.Tensor, training: bool) -> None:
+    """Called by the patched experts forward: add this forward's routing to ``layer.routing``."""
+    layer.routing.record(topk_ids_TK, layer.placement.num_experts, training)
+
+
+def _meta_row(stats: RoutingStats) -> list[int]:
+    K = 0 if stats.ids_NK is None else stats.ids_NK.shape[1]
+    return [stats.filled, stats.tokens, stats.forwards, stats.passes, stats.capacity, K]
+
+
+def gather_windows(layers: list, device: torch.device, group=None) -> list[RoutingWindow | None]:
+    """Every rank's window of each layer, the same on every rank. Collective over ``group``.
+
+    layers: LayerStates in the same order on every rank. Returns one RoutingWindow per layer (None
+    when no rank recorded any token): ids_NK int64 [N, K] of all ranks' held tokens, origin_N their
+    ranks, rows_scale = global tokens per forward / N, passes = the interval's passes.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    W = dist.get_world_size(group) if distributed else 1
+    meta = torch.tensor([_meta_row(layer.routing) for layer in layers], dtype=torch.int64, device=device)
+    meta = meta.view(len(layers), len(_META))
+    if distributed and W > 1:
+        parts = [torch.empty_like(meta) for _ in range(W)]
+        dist.all_gather(parts, meta, group=group)
+        meta_RLM = torch.stack(parts).cpu()
+    else:
+        meta_RLM = meta.cpu().view(1, len(layers), len(_META))
+    out: list[RoutingWindow | None] = []
+    for i, layer in enumerate(layers):
+        filled_R, tokens_R, forwards_R, passes_R, cap_R, k_R = meta_RLM[:, i].T.tolist()
+        ks = {k for k in k_R if k}
+        if len(ks) > 1:
+            raise ValueError(f"layer {layer.name}: ranks recorded different top-k sizes {sorted(ks)}")
+        if not ks or sum(filled_R) == 0:
+            out.append(None)
+            continue
+        K, cap = ks.pop(), max(cap_R)
+        mine = torch.full((cap, K), -1, dtype=torch.int32, device=device)
+        held = layer.routing.window()
+        if held.numel():
+            mine[: held.shape[0]] = held.to(device)
+        if distributed and W > 1:
+            parts = [torch.empty_like(mine) for _ in range(W)]
+            dist.all_gather(parts, mine, group=group)
+        else:
+            parts = [mine]
+        ids = torch.cat([p[:n] for p, n in zip(parts, filled_R)]).to(torch.int64)
+        origin = torch.cat([torch.full((n,), r, dtype=torch.int64, device=device) for r, n in enumerate(filled_R)])
+        forwards = max(forwards_R)
+        per_forward = sum(tokens_R) / forwards if forwards else float(ids.shape[0])
+        out.append(RoutingWindow(ids, origin, per_forward / ids.shape[0], float(max(passes_R))))
+    return out
