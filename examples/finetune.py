@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 def summary_table(s: dict) -> str:
     base, sent = s["a2a_inter_node_bytes"], s["inter_node_bytes"]
     saved = f"{100 * (base - sent) / base:.1f}%" if base else "n/a (one node)"
-    rows_ratio = f"{s['a2a_rows_sent'] / s['rows_sent']:.2f}x" if s["rows_sent"] else "n/a"
+    rows_ratio = f" ({s['a2a_rows_sent'] / s['rows_sent']:.2f}x fewer)" if s["rows_sent"] else ""
     rows = [
         ("model", s["model"]),
         ("ranks / backend / topology", f"{s['world_size']} / {s['backend']} / {s['topology']}"),
@@ -233,7 +233,7 @@ def summary_table(s: dict) -> str:
         ("loss first -> last", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}"),
         ("strategies (layer forwards)", strategies_text(s["strategies"])),
         ("inter-node dispatch bytes", f"{fmt_bytes(sent)} vs a2a {fmt_bytes(base)}: saved {saved}"),
-        ("rows sent, all stages", f"{s['rows_sent']:,} vs a2a {s['a2a_rows_sent']:,} ({rows_ratio} fewer)"),
+        ("rows sent, all stages", f"{s['rows_sent']:,} vs a2a {s['a2a_rows_sent']:,}{rows_ratio}"),
         ("expert swaps", str(s["swaps_done"])),
         ("checkpoint", f"{s['checkpoint']} (plain from_pretrained loads it)"),
     ]
