@@ -27,6 +27,7 @@ from .cost_model import CostModel, StageCost
 from .topology import Stage, Topology
 
 DEFAULT_SIZES = (16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
+DEFAULT_LOCAL_ROWS = (2048, 8192, 16384)
 
 
 def stage_kinds(topology: Topology) -> list[Stage]:
@@ -74,6 +75,10 @@ def fit_alpha_beta(nbytes: Sequence[float], seconds: Sequence[float]) -> StageCo
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
     return StageCost(alpha, beta, r2)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _sync(device: torch.device) -> None:
@@ -141,8 +146,47 @@ def measure(
         for _ in range(trials):
             for i, (x, out) in enumerate(bufs):
                 best[i] = min(best[i], _time_once(group, x, out, reps, device))
-        samples[st.name] = [(S * bufs[i][0].numel() * 4, best[i]) for i in range(len(sizes))]
+        samples[st.name] = [(bufs[i][0].numel() * 4, best[i]) for i in range(len(sizes))]
     return samples
+
+
+def measure_local(
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    hidden: int = 2048,
+    rows: Sequence[int] = DEFAULT_LOCAL_ROWS,
+    trials: int = 3,
+    kernels: str = "auto",
+) -> list[tuple[int, float]]:
+    """[(bytes, seconds)] of one pack (row gather) + unpack (fp32 scatter-add) of that many bytes of
+    rows with the dispatcher's kernels, best of ``trials``. Collective: ranks measure one at a time
+    (on a GPU each rank has its own device; on CPU ranks sharing cores would otherwise measure each
+    other), and the slowest rank's times are kept so every rank's model is identical, which
+    ``dispatch="auto"`` needs."""
+    from .kernels import select_ops
+
+    ops = select_ops(kernels, device)
+    times = torch.zeros(len(rows), dtype=torch.float64, device=device)
+    for turn in range(dist.get_world_size()):
+        dist.barrier()
+        if turn != dist.get_rank():
+            continue
+        g = torch.Generator().manual_seed(0)
+        for i, P in enumerate(rows):
+            x = torch.randn(P, hidden, generator=g).to(device, dtype)
+            idx = torch.randperm(P, generator=g).to(device)
+            best = float("inf")
+            for _ in range(trials + 1):  # the first run warms up the allocator
+                _sync(device)
+                t0 = time.perf_counter()
+                ops.unpack_sum(ops.pack_rows(x, idx), idx, P)
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+            times[i] = best
+    dist.barrier()
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    nbytes = [P * hidden * torch.finfo(dtype).bits // 8 for P in rows]
+    return list(zip(nbytes, times.tolist()))
 
 
 def calibrate(
@@ -152,10 +196,13 @@ def calibrate(
     trials: int = 3,
     device: torch.device | None = None,
     groups: dict | None = None,
+    local_rows: Sequence[int] | None = DEFAULT_LOCAL_ROWS,
 ) -> CostModel:
     """Measure every stage kind and fit it; the same CostModel on every rank. Collective.
 
     Needs an initialised default process group whose world size is ``topology.world_size``.
+    local_rows: row counts (of hidden 2048) at which to time the local pack + unpack
+        (``CostModel.local``); None or empty: no local term.
     """
     if not dist.is_initialized():
         raise RuntimeError("calibrate needs an initialised process group (launch with torchrun)")
@@ -163,14 +210,22 @@ def calibrate(
         raise ValueError(
             f"topology {topology} has {topology.world_size} ranks but the world size is {dist.get_world_size()}"
         )
+    if device is None:
+        device = _default_device()
     samples = measure(topology, sizes, reps, trials, device, groups)
     stages = {name: fit_alpha_beta([n for n, _ in s], [t for _, t in s]) for name, s in samples.items()}
+    local_samples = measure_local(device, rows=local_rows) if local_rows else []
     meta = {
         "backend": dist.get_backend(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "samples": {name: [[n, t] for n, t in s] for name, s in samples.items()},
     }
-    return CostModel(str(topology), stages, f"calibration ({dist.get_backend()}, {topology})", False, meta)
+    local_fit = None
+    if local_samples:
+        meta["local_samples"] = [[n, t] for n, t in local_samples]
+        local_fit = fit_alpha_beta([n for n, _ in local_samples], [t for _, t in local_samples])
+    source = f"calibration ({dist.get_backend()}, {topology})"
+    return CostModel(str(topology), stages, source, False, meta, local_fit)
 
 
 def format_table(model: CostModel) -> str:
@@ -182,6 +237,11 @@ def format_table(model: CostModel) -> str:
         bw = 1e-9 / c.beta if c.beta > 0 else float("inf")
         r2 = f"{c.r2:.4f}" if c.r2 is not None else "-"
         lines.append(f"{name:<14}{c.alpha * 1e6:>12.1f}{c.beta * 1e9:>13.4f}{bw:>9.2f}{r2:>8}")
+    if model.local is not None:
+        c = model.local
+        bw = 1e-9 / c.beta if c.beta > 0 else float("inf")
+        r2 = f"{c.r2:.4f}" if c.r2 is not None else "-"
+        lines.append(f"{'local pack':<14}{c.alpha * 1e6:>12.1f}{c.beta * 1e9:>13.4f}{bw:>9.2f}{r2:>8}")
     return "\n".join(lines)
 
 

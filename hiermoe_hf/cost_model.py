@@ -27,9 +27,12 @@ import torch
 
 from .topology import Stage, Topology
 
-# Collectives one dispatch stage issues in the dispatcher (counts, rows, route metadata): each pays
-# the latency alpha once, so the strategy choice charges every stage that many latencies.
-COLLECTIVES_PER_STAGE = 3
+# What ``dispatch="auto"`` predicts per stage: the forward exchange of one layer, i.e. the
+# dispatcher's dispatch (counts, rows, route metadata: 3 collectives) and combine (rows back: 1),
+# so 4 latencies, the rows' bytes twice, and one local pack + unpack of the stage's rows.
+FORWARD_LATENCIES = 4
+FORWARD_EXCHANGES = 2
+FORWARD_LOCAL_UNITS = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +115,10 @@ class CostModel:
     """Per-stage constants for one topology.
 
     topology: "NxG" it applies to; stages: stage name (or "lo:hi") -> StageCost; source: where the
-    constants came from; defaults_used: True when no calibration was given (``stats`` reports it).
+    constants came from; defaults_used: True when no calibration was given (``stats`` reports it);
+    local: optional cost of the local work per stage, ``beta`` = seconds per byte of rows packed
+    and unpacked once (gather + fp32 scatter-add); None = free (GPU kernels: negligible next to
+    the network). Calibration measures it; it matters on CPU ranks.
     """
 
     topology: str
@@ -120,6 +126,7 @@ class CostModel:
     source: str = "defaults"
     defaults_used: bool = False
     meta: dict = field(default_factory=dict)
+    local: StageCost | None = None
 
     def stage_cost(self, stage: Stage) -> StageCost:
         for key in (stage.name, f"{stage.lo}:{stage.hi}"):
@@ -138,14 +145,19 @@ class CostModel:
         c = self.stage_cost(stage)
         return latency_terms * c.alpha + S * max_peer_bytes * c.beta
 
+    def local_time(self, nbytes: float) -> float:
+        """Seconds to pack and unpack ``nbytes`` of rows once on one rank (0 without a local term)."""
+        return 0.0 if self.local is None else self.local.time(nbytes)
+
     def to_json(self) -> dict:
-        stages = {}
-        for name, c in self.stages.items():
-            entry = {"alpha": c.alpha, "beta": c.beta}
-            if c.r2 is not None:
-                entry["r2"] = c.r2
-            stages[name] = entry
-        return {"topology": self.topology, "source": self.source, **self.meta, "stages": stages}
+        def entry(c: StageCost) -> dict:
+            return {"alpha": c.alpha, "beta": c.beta, **({"r2": c.r2} if c.r2 is not None else {})}
+
+        out = {"topology": self.topology, "source": self.source, **self.meta}
+        out["stages"] = {name: entry(c) for name, c in self.stages.items()}
+        if self.local is not None:
+            out["local"] = entry(self.local)
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -156,16 +168,19 @@ class CostModel:
     def from_json(cls, data: dict, source: str = "json") -> "CostModel":
         if not isinstance(data, dict) or "stages" not in data or "topology" not in data:
             raise ValueError(f"cost model {source} must be a JSON object with 'topology' and 'stages' keys")
-        stages = {}
-        for name, entry in data["stages"].items():
+
+        def parse(name: str, entry) -> StageCost:
             try:
-                stages[name] = StageCost(float(entry["alpha"]), float(entry["beta"]), entry.get("r2"))
+                return StageCost(float(entry["alpha"]), float(entry["beta"]), entry.get("r2"))
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(
                     f"cost model {source}: stage {name!r} needs numeric 'alpha' and 'beta' ({err})"
                 ) from err
-        meta = {k: v for k, v in data.items() if k not in ("topology", "stages", "source")}
-        return cls(str(data["topology"]), stages, data.get("source", source), False, meta)
+
+        stages = {name: parse(name, entry) for name, entry in data["stages"].items()}
+        local = parse("local", data["local"]) if data.get("local") is not None else None
+        meta = {k: v for k, v in data.items() if k not in ("topology", "stages", "source", "local")}
+        return cls(str(data["topology"]), stages, data.get("source", source), False, meta, local)
 
 
 def links_cost_model(topology: Topology, links: Sequence[Link], source: str, defaults_used: bool = False) -> CostModel:
@@ -313,22 +328,43 @@ def max_peer_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> 
     return off.max().item() if off.numel() else 0
 
 
+def packed_rows(counts_WS: torch.Tensor) -> float:
+    """Most rows any rank packs in this stage (kept ones included: they are gathered too)."""
+    return counts_WS.sum(1).max().item() if counts_WS.numel() else 0
+
+
 def predict_stage_times(
     counts: Sequence[torch.Tensor],
     topology: Topology,
     strategy: str,
     row_bytes: float,
     cost_model: CostModel,
-    latency_terms: int = 1,
+    latency_terms: float = 1,
+    exchanges: float = 1.0,
+    local_units: float = 0.0,
 ) -> list[float]:
-    """Seconds per stage: alpha*latency_terms + S * (largest per-peer rows * row_bytes) * beta."""
+    """Seconds per stage.
+
+    latency_terms * alpha + exchanges * S * (largest per-peer rows * row_bytes) * beta (0 for
+    groups of one), plus local_units * the local pack+unpack time of the most rows any rank packs.
+    Defaults: one exchange of the rows, network only.
+    """
     stages = topology.stages(strategy)
     if len(counts) != len(stages):
         raise ValueError(f"{len(counts)} count matrices for the {len(stages)} stages of {strategy!r}")
-    return [
-        cost_model.collective_time(topology, st, max_peer_rows(c, topology, st) * row_bytes, latency_terms)
-        for st, c in zip(stages, counts)
-    ]
+    out = []
+    for st, c in zip(stages, counts):
+        t = 0.0
+        if topology.group_size(st) > 1:
+            k = cost_model.stage_cost(st)
+            t = (
+                latency_terms * k.alpha
+                + exchanges * topology.group_size(st) * max_peer_rows(c, topology, st) * row_bytes * k.beta
+            )
+        if local_units:
+            t += local_units * cost_model.local_time(packed_rows(c) * row_bytes)
+        out.append(t)
+    return out
 
 
 def predict_time(
@@ -337,10 +373,14 @@ def predict_time(
     strategy: str,
     row_bytes: float,
     cost_model: CostModel,
-    latency_terms: int = 1,
+    latency_terms: float = 1,
+    exchanges: float = 1.0,
+    local_units: float = 0.0,
 ) -> float:
-    """Seconds for one exchange of ``strategy`` (sum over its stages)."""
-    return sum(predict_stage_times(counts, topology, strategy, row_bytes, cost_model, latency_terms))
+    """Seconds for ``strategy`` (sum over its stages; see ``predict_stage_times``)."""
+    return sum(
+        predict_stage_times(counts, topology, strategy, row_bytes, cost_model, latency_terms, exchanges, local_units)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,13 +450,37 @@ def sample_uniform(T: int, E: int, K: int, generator: torch.Generator | None = N
     return torch.rand(T, E, generator=generator).topk(K, dim=1).indices
 
 
+def zipf_popularity(E: int, s: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """float [E]: expert popularity ~ 1/rank^s, ranks in a random order (hot experts spread out)."""
+    order = torch.randperm(E, generator=generator)
+    p = torch.empty(E)
+    p[order] = 1.0 / torch.arange(1, E + 1, dtype=torch.float64).pow(s).float()
+    return p / p.sum()
+
+
+def _scores(T: int, E: int, popularity: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """iid scores whose top-K is a draw without replacement proportional to ``popularity``
+    (Gumbel-top-k); uniform scores when it is None."""
+    u = torch.rand(T, E, generator=generator)
+    if popularity is None:
+        return u
+    return popularity.log() - torch.log(-torch.log(u.clamp_min(1e-20)))
+
+
 def sample_group_limited(
-    T: int, E: int, K: int, n_group: int, topk_group: int, generator: torch.Generator | None = None
+    T: int,
+    E: int,
+    K: int,
+    n_group: int,
+    topk_group: int,
+    generator: torch.Generator | None = None,
+    popularity: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """int64 [T, K]: DeepSeek-V3's group-limited choice on iid random scores.
+    """int64 [T, K]: DeepSeek-V3's group-limited choice on random scores.
 
     As Transformers' ``DeepseekV3TopkRouter``: group score = sum of its top-2 expert scores, keep
     the ``topk_group`` best of ``n_group`` groups, then top-K experts among the kept groups.
+    popularity: optional float [E] skew (e.g. ``zipf_popularity``); None = iid uniform scores.
     """
     _check_groups(E, K, n_group)
     if not 1 <= topk_group <= n_group or K > topk_group * (E // n_group):
@@ -424,22 +488,19 @@ def sample_group_limited(
             f"topk_group={topk_group} must lie in 1..n_group={n_group} and keep at least K={K} experts "
             f"({E // n_group} per group)"
         )
-    scores = torch.rand(T, E, generator=generator)
+    scores = _scores(T, E, popularity, generator)
     per_group = scores.view(T, n_group, E // n_group)
     group_score = per_group.topk(min(2, E // n_group), dim=-1).values.sum(-1)
     keep = torch.zeros(T, n_group, dtype=torch.bool)
     keep.scatter_(1, group_score.topk(topk_group, dim=1).indices, True)
-    masked = torch.where(keep.repeat_interleave(E // n_group, dim=1), scores, -1.0)
+    masked = torch.where(keep.repeat_interleave(E // n_group, dim=1), scores, float("-inf"))
     return masked.topk(K, dim=1).indices
 
 
 def sample_zipf(T: int, E: int, K: int, s: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """int64 [T, K]: K distinct experts per token, expert popularity ~ 1/rank^s over a random order."""
     _check_groups(E, K, 1)
-    order = torch.randperm(E, generator=generator)
-    p = torch.empty(E)
-    p[order] = 1.0 / torch.arange(1, E + 1, dtype=torch.float64).pow(s).float()
-    return torch.multinomial(p.expand(T, E), K, replacement=False, generator=generator)
+    return _scores(T, E, zipf_popularity(E, s, generator), generator).topk(K, dim=1).indices
 
 
 def distinct_groups(ids_TK: torch.Tensor, E: int, R: int) -> float:

@@ -55,9 +55,13 @@ def split_counts(topology: Topology, candidates: list[str], flat: torch.Tensor) 
 def predicted_ms(
     topology: Topology, counts: dict[str, list[torch.Tensor]], row_bytes: int, model: cm.CostModel
 ) -> dict[str, float]:
-    """Predicted ms of one dispatch per candidate; every stage pays the dispatcher's collectives' latencies."""
+    """Predicted ms of one layer's forward exchange (dispatch + combine) per candidate: each stage
+    pays the dispatcher's 4 collectives' latencies, its rows twice, and its local pack + unpack."""
     return {
-        name: 1e3 * cm.predict_time(c, topology, name, row_bytes, model, cm.COLLECTIVES_PER_STAGE)
+        name: 1e3
+        * cm.predict_time(
+            c, topology, name, row_bytes, model, cm.FORWARD_LATENCIES, cm.FORWARD_EXCHANGES, cm.FORWARD_LOCAL_UNITS
+        )
         for name, c in counts.items()
     }
 
@@ -81,7 +85,7 @@ def pick_strategy(
             (defaults; load it once and pass the object to avoid re-reading per layer).
         group: process group spanning the topology (None = default).
     Returns:
-        (name, predicted_ms per candidate), the same on every rank.
+        (name, predicted ms of the layer's forward exchange per candidate), the same on every rank.
     """
     if not candidates:
         raise ValueError(

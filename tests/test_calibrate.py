@@ -35,21 +35,22 @@ def _calibrate_and_hold_out(out_path: str, attempts: int) -> dict:
     topo = Topology((2, 2))
     kinds = cal.stage_kinds(topo)
     groups = cal.build_groups(topo, dist.get_rank(), kinds)
-    held_bytes = {st.name: topo.group_size(st) * HELD_OUT for st in kinds}
+    sizes = FIT_SIZES + (HELD_OUT,)
     for _ in range(attempts):
-        samples = cal.measure(topo, FIT_SIZES + (HELD_OUT,), reps=4, trials=5, groups=groups)
+        samples = cal.measure(topo, sizes, reps=4, trials=5, groups=groups)
         fits, errors = {}, {}
-        for name, s in samples.items():
-            fit = [(n, t) for n, t in s if n != held_bytes[name]]
-            (measured,) = [t for n, t in s if n == held_bytes[name]]
-            fits[name] = cal.fit_alpha_beta([n for n, _ in fit], [t for _, t in fit])
-            errors[name] = abs(fits[name].time(held_bytes[name]) - measured) / measured
+        for st in kinds:
+            s = samples[st.name]
+            # the fitted x is the bytes one rank sends: group size x per-peer message
+            assert [n for n, _ in s] == [topo.group_size(st) * m for m in sizes]
+            fits[st.name] = cal.fit_alpha_beta([n for n, _ in s[:-1]], [t for _, t in s[:-1]])
+            held_n, measured = s[-1]
+            errors[st.name] = abs(fits[st.name].time(held_n) - measured) / measured
         if max(errors.values()) <= 0.30:  # every rank sees the same all-reduced times: same decision
             break
+    model = cal.calibrate(topo, FIT_SIZES, reps=2, trials=2, groups=groups, local_rows=(256, 1024, 2048))
     if dist.get_rank() == 0:
-        cal.calibrate(topo, FIT_SIZES, reps=2, trials=2, groups=groups).save(out_path)
-    else:
-        cal.calibrate(topo, FIT_SIZES, reps=2, trials=2, groups=groups)
+        model.save(out_path)
     return {"errors": errors, "r2": {k: v.r2 for k, v in fits.items()}}
 
 
@@ -63,6 +64,7 @@ def test_calibration_predicts_held_out_size(ranks, tmp_path):
     assert not model.defaults_used and set(model.stages) == {"flat", "intra-node", "inter-node"}
     assert all(c.alpha >= 0 and c.beta > 0 for c in model.stages.values())
     assert model.meta["backend"] == "gloo" and len(model.meta["samples"]["flat"]) == len(FIT_SIZES)
+    assert model.local is not None and model.local.beta > 0 and len(model.meta["local_samples"]) == 3
 
 
 def test_cli_needs_a_launcher(monkeypatch):

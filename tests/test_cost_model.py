@@ -51,6 +51,17 @@ def test_golden_rows_and_time(strategy):
     assert t == pytest.approx(GOLDEN_TIMES[strategy], rel=1e-12)
 
 
+def test_latency_exchange_and_local_terms():
+    counts = cm.stage_rows(_golden_routing(), T22, "hd2")
+    model = cm.CostModel("2x2", GOLDEN_MODEL.stages, local=cm.StageCost(0.0, 1e-9))
+    times = cm.predict_stage_times(counts, T22, "hd2", 100, model, latency_terms=4, exchanges=2, local_units=2)
+    # inter-node: 4 alphas + 2 x (2 * 2 rows * 100 B) * beta + 2 x (3 rows packed by rank 0) * 100 B * 1e-9
+    assert times[0] == pytest.approx(4 * 2e-3 + 2 * 2 * 2 * 100 * 1e-5 + 2 * 3 * 100 * 1e-9, rel=1e-12)
+    # intra-node: rank 2 packs 3 rows (2 kept); the local work counts kept rows too
+    assert times[1] == pytest.approx(4 * 1e-4 + 2 * 2 * 1 * 100 * 1e-7 + 2 * 3 * 100 * 1e-9, rel=1e-12)
+    assert cm.packed_rows(counts[1]) == 3
+
+
 def test_contributions_add_up():
     """Per-origin counts (what each rank computes for ``auto``) sum to the global counts."""
     g = torch.Generator().manual_seed(1)
@@ -153,7 +164,10 @@ def test_json_round_trip_and_loading(tmp_path):
     data = json.loads(path.read_text())
     assert data["topology"] == "2x2" and data["stages"]["inter-node"] == {"alpha": 2e-4, "beta": 8e-9, "r2": 0.98}
     loaded = cm.load_cost_model(path, T22)
-    assert loaded.stages == model.stages and not loaded.defaults_used
+    assert loaded.stages == model.stages and not loaded.defaults_used and loaded.local is None
+    model.local = cm.StageCost(0.0, 3e-9, 0.9)
+    model.save(path)
+    assert cm.load_cost_model(path, T22).local == model.local
     with pytest.raises(ValueError, match="calibrated on topology 2x2 but this run's topology is 4x1"):
         cm.load_cost_model(path, Topology((4, 1)))
     del data["stages"]["intra-node"]
