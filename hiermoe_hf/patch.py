@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import types
 
 import torch
@@ -15,6 +16,7 @@ from .experts import local_experts_forward
 from .kernels import select_ops
 from .placement import Placement
 from .state import LayerState, Runtime
+from .cost_model import load_cost_model
 from .strategy import pick_strategy
 from .swap_stats import record_routing
 from .topology import Topology
@@ -83,7 +85,8 @@ def patch(model: torch.nn.Module, config: HierMoEConfig | None = None) -> torch.
             f"{num_experts} experts per layer cannot be split over {world} ranks; "
             f"use a world size that divides {num_experts}"
         )
-    runtime = Runtime(config, topology, rank, StageGroups(topology, rank) if world > 1 else None, adapter.MODEL_TYPE)
+    groups = StageGroups(topology, rank) if world > 1 else None
+    runtime = Runtime(config, topology, rank, groups, adapter.MODEL_TYPE, load_cost_model(config.cost_model, topology))
     for name, block in blocks:
         experts = block.experts
         layer = LayerState(name, runtime, Placement.contiguous(num_experts, world), adapter.EXPERT_PARAMS)
@@ -115,9 +118,13 @@ def _experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, t
     ops = select_ops(rt.config.kernels, hidden_TH.device)
     strategy, predicted = _choose(rt, phys_TK // e, hidden_TH)
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
+    t0 = _clock(hidden_TH)
     x_RH, phys_RK, w_RK, handle = dispatch(hidden_TH, phys_TK, topk_w_TK, plan, ops)
+    t1 = _clock(hidden_TH)
     y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops)
+    t2 = _clock(hidden_TH)
     out_TH = combine(y_RH, handle, ops)
+    t3 = _clock(hidden_TH)
     row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
     meta_bytes = K * (4 + (8 if topk_w_TK.dtype == torch.float64 else 4))
     layer.last = {
@@ -125,7 +132,11 @@ def _experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, t
         "tokens": T,
         "kernels": ops.name,
         "stages": stage_stats(handle, plan, row_bytes, meta_bytes),
-        "predicted_ms": predicted,
+        "predicted_ms": predicted.get(strategy),
+        "predicted_ms_by_strategy": predicted,
+        "measured_ms": 1e3 * ((t1 - t0) + (t3 - t2)),
+        "cost_model": rt.cost_model.source,
+        "cost_model_defaults": bool(rt.cost_model.defaults_used),
         "expert_rows": int(counts_e.sum()),
         "load_per_rank": torch.bincount((phys_TK // e).flatten(), minlength=rt.world_size).tolist(),
     }
@@ -138,7 +149,14 @@ def _choose(rt: Runtime, dest_rank_TK: torch.Tensor, hidden_TH: torch.Tensor) ->
     if rt.config.dispatch != "auto":
         return rt.config.dispatch, {}
     row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
-    return pick_strategy(rt.topology, rt.topology.strategies(), dest_rank_TK, row_bytes, None, None)
+    return pick_strategy(rt.topology, rt.topology.strategies(), dest_rank_TK, row_bytes, rt.cost_model, None)
+
+
+def _clock(like: torch.Tensor) -> float:
+    """Wall time after the device's queued work (the dispatch syncs the host each stage anyway)."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
 
 
 def _gather_full(local: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -170,7 +188,10 @@ def stats(model: torch.nn.Module) -> dict[str, dict]:
 
     Each value: ``strategy``, ``tokens``, ``kernels``, ``stages`` (list of dicts: ``name``,
     ``group_size``, ``rows_sent``, ``rows_received``, ``bytes_sent`` — rows to/from *other* ranks),
-    ``load_per_rank`` (this rank's selections per destination rank), ``swaps``.
+    ``load_per_rank`` (this rank's selections per destination rank), ``swaps``, and the cost
+    model's view: ``predicted_ms`` (chosen strategy; ``dispatch="auto"`` only, else None),
+    ``predicted_ms_by_strategy``, ``measured_ms`` (forward dispatch + combine wall time),
+    ``cost_model`` (where its constants came from) and ``cost_model_defaults``.
     """
     out = {}
     for name, (_, layer) in moe_layers(model).items():

@@ -22,6 +22,7 @@ class Runtime:
     rank: int
     groups: StageGroups | None  # None at world size 1
     model_type: str
+    cost_model: object = None  # cost_model.CostModel, loaded once at patch time
 
     @property
     def world_size(self) -> int:

@@ -71,7 +71,7 @@ def swap_experts(model: torch.nn.Module, optimizer=None) -> list[dict]:
             layer.routing.end_interval()
         return records
     windows = gather_windows([layer for _, layer in layers.values()], device)
-    cost_model = cm.load_cost_model(rt.config.cost_model, rt.topology)
+    cost_model = rt.cost_model
     policy, topo = rt.config.swap_policy, rt.topology
     rows, strategies = [], {}
     for i, name in enumerate(names):

@@ -133,3 +133,27 @@ def test_bad_input_single_process():
         hiermoe_hf.stats(build_model(tiny_qwen3_moe_config()))
     with pytest.raises(ValueError, match="not patched"):
         hiermoe_hf.unpatch(build_model(tiny_qwen3_moe_config()))
+
+
+def auto_choice_in_stats(cost_model) -> list:
+    model = build_model(tiny_qwen3_moe_config(num_experts=16, num_experts_per_tok=4))
+    hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology="2x2", dispatch="auto", cost_model=cost_model))
+    with torch.no_grad():
+        model(torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(dist.get_rank())))
+    out = []
+    for layer in hiermoe_hf.stats(model).values():
+        by = layer["predicted_ms_by_strategy"]
+        assert set(by) == {"a2a", "2dh", "hd1", "hd2"}
+        assert layer["strategy"] == min(by, key=by.get) and layer["predicted_ms"] == by[layer["strategy"]]
+        assert layer["measured_ms"] > 0
+        out.append((layer["strategy"], layer["cost_model"], layer["cost_model_defaults"]))
+    return out
+
+
+@pytest.mark.parametrize("cost_model", [None, "hiermoe-paper"])
+def test_auto_reports_choice_cost_model_and_times(ranks, cost_model):
+    results = ranks(4).run(auto_choice_in_stats, cost_model)
+    assert all(r == results[0] for r in results)  # every rank made the same choice per layer
+    for _, source, defaults in results[0]:
+        assert defaults == (cost_model is None)
+        assert (cost_model or "default") in source
