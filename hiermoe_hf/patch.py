@@ -11,12 +11,12 @@ import torch.distributed as dist
 from . import patches
 from .comm import StageGroups
 from .config import HierMoEConfig
+from .cost_model import load_cost_model
 from .dispatcher import ExchangePlan, combine, dispatch, stage_stats
 from .experts import local_experts_forward
 from .kernels import select_ops
 from .placement import Placement
 from .state import LayerState, Runtime
-from .cost_model import load_cost_model
 from .strategy import pick_strategy
 from .swap_stats import record_routing
 from .topology import Topology

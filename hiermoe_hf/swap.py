@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import cost_model as cm
 from .patch import is_patched, moe_layers, runtime_of
 from .swap_executor import execute_swaps, expert_bytes, unwrap_optimizer
 from .swap_planner import DEFAULT_FLOPS, PlannerCosts, move_cost_s, plan, strategy_for

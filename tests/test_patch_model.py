@@ -57,8 +57,9 @@ def parity(name: str, topology, strategy: str, kernels: str = "torch") -> dict:
     ref_lm = ref(ids, labels=ids, **lm_only).loss
     err["loss"] = _rel(lm / W, ref_lm)
     if kw:
+        rows = slice(r * PER_RANK * SEQ, (r + 1) * PER_RANK * SEQ)  # router logits are [tokens, E]
         for mine, theirs in zip(out.router_logits, ref_out.router_logits):
-            err["router_logits"] = max(err.get("router_logits", 0.0), _rel(mine, theirs[r * PER_RANK * SEQ : (r + 1) * PER_RANK * SEQ]))
+            err["router_logits"] = max(err.get("router_logits", 0.0), _rel(mine, theirs[rows]))
         gathered = []
         for layer_logits in out.router_logits:
             parts = [torch.empty_like(layer_logits) for _ in range(W)]
