@@ -246,4 +246,8 @@ def summary_table(s: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # without it, gloo ranks often abort at interpreter exit

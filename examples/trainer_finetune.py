@@ -102,4 +102,8 @@ class _StateOnly:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # without it, gloo ranks often abort at interpreter exit
