@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from . import cost_model as cm
+from . import routing_models as rm
 from .topology import Topology, parse_levels
 
 
@@ -151,10 +152,10 @@ def sample_routing(
     """int64 [tokens, K] expert ids under the routing model (a trace is resampled with replacement)."""
     K = topk or spec.topk
     if routing == "uniform":
-        return cm.sample_uniform(tokens, spec.experts, K, generator)
+        return rm.sample_uniform(tokens, spec.experts, K, generator)
     if routing == "group-limited":
-        return cm.sample_group_limited(tokens, spec.experts, K, spec.n_group, spec.topk_group, generator)
-    trace = cm.load_trace(routing)
+        return rm.sample_group_limited(tokens, spec.experts, K, spec.n_group, spec.topk_group, generator)
+    trace = rm.load_trace(routing)
     if int(trace.max()) >= spec.experts:
         raise ValueError(f"trace {routing!r} has expert id {int(trace.max())} but the model has {spec.experts} experts")
     if K > trace.shape[1]:
@@ -174,13 +175,13 @@ def duplication_table(spec: ModelSpec, routing: str, samples: int = 20000, seed:
             if K > spec.experts:
                 continue
             if routing == "uniform":
-                rate = cm.duplication_rate_uniform(spec.experts, K, R)
+                rate = rm.duplication_rate_uniform(spec.experts, K, R)
             else:
                 try:
                     ids = sample_routing(routing, spec, samples, g, topk=K)
                 except ValueError:
                     continue  # K not reachable under this routing (e.g. a trace of a smaller top-k)
-                rate = cm.duplication_rate(ids, spec.experts, R)
+                rate = rm.duplication_rate(ids, spec.experts, R)
             out.append({"groups": R, "topk": K, "rate": rate})
     return out
 
@@ -204,16 +205,16 @@ def plan(
         raise ValueError(f"tokens per rank must be >= 1, got {tokens}")
     g = torch.Generator().manual_seed(seed)
     n = min(tokens, max_samples)
-    dests = [cm.dest_ranks(sample_routing(routing, spec, n, g), spec.experts, W) for _ in range(W)]
+    dests = [rm.dest_ranks(sample_routing(routing, spec, n, g), spec.experts, W) for _ in range(W)]
     row_bytes = spec.hidden * dtype_bytes
     strategies = []
     for name in topology.strategies():
         counts = [c.double() * (tokens / n) for c in cm.stage_rows(dests, topology, name)]
         times = cm.predict_stage_times(counts, topology, name, row_bytes, cost_model)
         if routing == "uniform":
-            rpt = cm.expected_rows_per_token_uniform(topology, name, spec.experts, spec.topk)
+            rpt = rm.expected_rows_per_token_uniform(topology, name, spec.experts, spec.topk)
         else:
-            rpt = cm.rows_per_token(counts, topology, name, tokens * W)
+            rpt = rm.rows_per_token(counts, topology, name, tokens * W)
         stages = [
             {"name": st.name, "rows_per_token": r, "bytes": r * tokens * row_bytes}
             for st, r in zip(topology.stages(name), rpt)

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiermoe_hf import calibrate as cal  # noqa: E402
 from hiermoe_hf import cost_model as cm  # noqa: E402
+from hiermoe_hf import routing_models as rm  # noqa: E402
 from hiermoe_hf.comm import StageGroups  # noqa: E402
 from hiermoe_hf.dispatcher import ExchangePlan, combine, dispatch  # noqa: E402
 from hiermoe_hf.kernels import select_ops  # noqa: E402
@@ -77,12 +78,12 @@ def routing_for(workload: str, rank: int, tokens: int, seed: int) -> torch.Tenso
     """int64 [T, K] logical expert ids of ``rank``'s tokens (any rank can draw any other's)."""
     E, K, kind, groups = WORKLOADS[workload]
     g_pop = torch.Generator().manual_seed(seed)  # popularity shared by all ranks
-    pop = cm.zipf_popularity(E, ZIPF_S, g_pop) if kind == "zipf" else None
+    pop = rm.zipf_popularity(E, ZIPF_S, g_pop) if kind == "zipf" else None
     g = torch.Generator().manual_seed(seed * 1000 + rank + 1)
     if groups is not None:
-        return cm.sample_group_limited(tokens, E, K, groups[0], groups[1], g, pop)
+        return rm.sample_group_limited(tokens, E, K, groups[0], groups[1], g, pop)
     if pop is None:
-        return cm.sample_uniform(tokens, E, K, g)
+        return rm.sample_uniform(tokens, E, K, g)
     return cm._scores(tokens, E, pop, g).topk(K, dim=1).indices
 
 
@@ -227,7 +228,7 @@ def run(args) -> dict | None:
         E, K, _, _ = WORKLOADS[workload]
         e = E // W
         all_ids = [routing_for(workload, r, T, args.seed) for r in range(W)]
-        dests = [cm.dest_ranks(i, E, W) for i in all_ids]
+        dests = [rm.dest_ranks(i, E, W) for i in all_ids]
         ids_TK = all_ids[rank].to(device)
         g = torch.Generator().manual_seed(rank)
         x_TH = torch.randn(T, H, generator=g).to(device, dtype)

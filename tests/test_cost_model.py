@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hiermoe_hf import cost_model as cm
+from hiermoe_hf import routing_models as rm
 from hiermoe_hf.topology import Topology
 
 T22 = Topology((2, 2))
@@ -66,7 +67,7 @@ def test_contributions_add_up():
     """Per-origin counts (what each rank computes for ``auto``) sum to the global counts."""
     g = torch.Generator().manual_seed(1)
     topo = Topology((2, 2, 2))
-    dests = [cm.dest_ranks(cm.sample_uniform(50, 16, 4, g), 16, 8) for _ in range(8)]
+    dests = [rm.dest_ranks(rm.sample_uniform(50, 16, 4, g), 16, 8) for _ in range(8)]
     for strategy in topo.strategies():
         whole = cm.stage_rows(dests, topo, strategy)
         parts = [cm.stage_rows(d, topo, strategy, origins=[r]) for r, d in enumerate(dests)]
@@ -95,8 +96,8 @@ def test_distinct_groups_closed_form_by_enumeration():
     E, K, R = 8, 3, 4
     combos = list(itertools.combinations(range(E), K))
     mean = sum(len({e // (E // R) for e in c}) for c in combos) / len(combos)
-    assert cm.distinct_groups_uniform(E, K, R) == pytest.approx(mean, rel=1e-12)
-    assert cm.distinct_groups_uniform(4, 2, 2) == pytest.approx(5 / 3)
+    assert rm.distinct_groups_uniform(E, K, R) == pytest.approx(mean, rel=1e-12)
+    assert rm.distinct_groups_uniform(4, 2, 2) == pytest.approx(5 / 3)
 
 
 def test_duplication_closed_form_matches_sampling_e256():
@@ -107,13 +108,13 @@ def test_duplication_closed_form_matches_sampling_e256():
     """
     g = torch.Generator().manual_seed(0)
     for K in (2, 4, 6, 8):
-        ids = cm.sample_uniform(20000, 256, K, g)
+        ids = rm.sample_uniform(20000, 256, K, g)
         for R in (4, 8, 16, 32):
-            closed = cm.duplication_rate_uniform(256, K, R)
-            assert cm.duplication_rate(ids, 256, R) == pytest.approx(closed, abs=0.005), (R, K)
+            closed = rm.duplication_rate_uniform(256, K, R)
+            assert rm.duplication_rate(ids, 256, R) == pytest.approx(closed, abs=0.005), (R, K)
     # two entries computed by hand: R=4, K=2: 1 - 4(1 - C(192,2)/C(256,2))/2
-    assert cm.duplication_rate_uniform(256, 2, 4) == pytest.approx(1 - 2 * (1 - 192 * 191 / (256 * 255)))
-    assert cm.duplication_rate_uniform(256, 8, 32) == pytest.approx(1 - 4 * (1 - math.comb(248, 8) / math.comb(256, 8)))
+    assert rm.duplication_rate_uniform(256, 2, 4) == pytest.approx(1 - 2 * (1 - 192 * 191 / (256 * 255)))
+    assert rm.duplication_rate_uniform(256, 8, 32) == pytest.approx(1 - 4 * (1 - math.comb(248, 8) / math.comb(256, 8)))
 
 
 @pytest.mark.parametrize("levels", [(2, 2), (4, 2), (2, 2, 2), (1, 4)])
@@ -121,29 +122,29 @@ def test_expected_rows_closed_form_matches_simulation(levels):
     topo = Topology(levels)
     W, E, K, T = topo.world_size, 16, 4, 4000
     g = torch.Generator().manual_seed(2)
-    dests = [cm.dest_ranks(cm.sample_uniform(T, E, K, g), E, W) for _ in range(W)]
+    dests = [rm.dest_ranks(rm.sample_uniform(T, E, K, g), E, W) for _ in range(W)]
     for strategy in topo.strategies():
-        sim = cm.rows_per_token(cm.stage_rows(dests, topo, strategy), topo, strategy, T * W)
-        closed = cm.expected_rows_per_token_uniform(topo, strategy, E, K)
+        sim = rm.rows_per_token(cm.stage_rows(dests, topo, strategy), topo, strategy, T * W)
+        closed = rm.expected_rows_per_token_uniform(topo, strategy, E, K)
         assert sim == pytest.approx(closed, rel=0.03, abs=0.02), strategy
 
 
 def test_group_limited_sampler():
     g = torch.Generator().manual_seed(3)
-    ids = cm.sample_group_limited(2000, 256, 8, 8, 4, g)
+    ids = rm.sample_group_limited(2000, 256, 8, 8, 4, g)
     assert ids.shape == (2000, 8)
     assert all(len(set(r)) == 8 for r in ids.tolist())
     groups = ids // 32
     assert int(torch.zeros(2000, 8, dtype=torch.bool).scatter_(1, groups, True).sum(1).max()) <= 4
     # group limiting packs a token's experts into fewer groups than uniform routing does
-    assert cm.duplication_rate(ids, 256, 8) > cm.duplication_rate_uniform(256, 8, 8) + 0.05
+    assert rm.duplication_rate(ids, 256, 8) > rm.duplication_rate_uniform(256, 8, 8) + 0.05
     with pytest.raises(ValueError, match="topk_group"):
-        cm.sample_group_limited(10, 256, 8, 8, 0, g)
+        rm.sample_group_limited(10, 256, 8, 8, 0, g)
 
 
 def test_zipf_sampler_is_skewed():
     g = torch.Generator().manual_seed(4)
-    ids = cm.sample_zipf(4000, 64, 4, 1.2, g)
+    ids = rm.sample_zipf(4000, 64, 4, 1.2, g)
     assert all(len(set(r)) == 4 for r in ids[:200].tolist())
     counts = torch.bincount(ids.flatten(), minlength=64).sort(descending=True).values
     assert counts[0] > 4 * counts[-1]

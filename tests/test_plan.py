@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from hiermoe_hf import cost_model as cm
 from hiermoe_hf import plan as planner
+from hiermoe_hf import routing_models as rm
 from hiermoe_hf.topology import Topology
 
 
@@ -42,12 +42,12 @@ def test_uniform_rows_are_closed_form(capsys):
     out = _run_json(capsys, "--model", "qwen3-30b-a3b", "--topology", "2x4", "--routing", "uniform", "--tokens", "512")
     topo = Topology((2, 4))
     for s in out["strategies"]:
-        closed = cm.expected_rows_per_token_uniform(topo, s["name"], 128, 8)
+        closed = rm.expected_rows_per_token_uniform(topo, s["name"], 128, 8)
         assert [st["rows_per_token"] for st in s["stages"]] == pytest.approx(closed)
         assert [st["bytes"] for st in s["stages"]] == pytest.approx([r * 512 * 2048 * 2 for r in closed])
     dup = {(d["groups"], d["topk"]): d["rate"] for d in out["duplication"]}
     assert len(dup) == 16
-    assert dup[(8, 8)] == pytest.approx(cm.duplication_rate_uniform(128, 8, 8))
+    assert dup[(8, 8)] == pytest.approx(rm.duplication_rate_uniform(128, 8, 8))
 
 
 def test_text_output(capsys):

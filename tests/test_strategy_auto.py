@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_hf import cost_model as cm
+from hiermoe_hf import routing_models as rm
 from hiermoe_hf import strategy
 from hiermoe_hf.topology import Topology
 
@@ -33,7 +34,7 @@ def _routing(seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     dests = [torch.zeros(T, 1, dtype=torch.int64).expand(T, K).clone()]
     for _ in range(1, TOPO.world_size):
-        dests.append(cm.dest_ranks(cm.sample_zipf(T, E, K, 1.1, g), E, TOPO.world_size))
+        dests.append(rm.dest_ranks(rm.sample_zipf(T, E, K, 1.1, g), E, TOPO.world_size))
     return dests
 
 
