@@ -255,16 +255,17 @@ def _advance(holder_R: torch.Tensor, dest_RK: torch.Tensor, topology: Topology, 
     """
     W, S, div = topology.world_size, topology.group_size(stage), topology.stride(stage.hi)
     R, K = dest_RK.shape
+    dev = dest_RK.device  # stays on the routing's device: on a GPU this runs per layer under "auto"
     member_RK = torch.where(dest_RK >= 0, (dest_RK // div) % S, S)
     if stage.dedup:
-        need_RS = torch.zeros(R, S + 1, dtype=torch.bool).scatter_(1, member_RK, True)[:, :S]
+        need_RS = torch.zeros(R, S + 1, dtype=torch.bool, device=dev).scatter_(1, member_RK, True)[:, :S]
         row_P, m_P = need_RS.nonzero(as_tuple=True)
         dest_PK = torch.where(member_RK[row_P] == m_P[:, None], dest_RK[row_P], -1)
     else:
         row_P, k_P = (dest_RK >= 0).nonzero(as_tuple=True)
         m_P = member_RK[row_P, k_P]
-        dest_PK = torch.full((row_P.numel(), K), -1, dtype=torch.int64)
-        dest_PK[torch.arange(row_P.numel()), k_P] = dest_RK[row_P, k_P]
+        dest_PK = torch.full((row_P.numel(), K), -1, dtype=torch.int64, device=dev)
+        dest_PK[torch.arange(row_P.numel(), device=dev), k_P] = dest_RK[row_P, k_P]
     src_P = holder_R[row_P]
     dst_P = src_P + (m_P - topology.member_of(src_P, stage)) * div
     counts_WS = torch.bincount(src_P * S + m_P, minlength=W * S).view(W, S)
@@ -302,8 +303,11 @@ def stage_rows(
             raise ValueError(f"routing of origin rank {o} must be [T, K], got shape {tuple(d.shape)}")
         if d.numel() and (int(d.max()) >= W or int(d.min()) < -1):
             raise ValueError(f"destination ranks must lie in -1..{W - 1} for topology {topology}")
-    dest = torch.cat([d.to(torch.int64).cpu() for d in dest_rank_TK])
-    holder = torch.cat([torch.full((d.shape[0],), o, dtype=torch.int64) for o, d in zip(origins, dest_rank_TK)])
+    dev = dest_rank_TK[0].device
+    dest = torch.cat([d.to(dev, torch.int64) for d in dest_rank_TK])
+    holder = torch.cat(
+        [torch.full((d.shape[0],), o, dtype=torch.int64, device=dev) for o, d in zip(origins, dest_rank_TK)]
+    )
     out = []
     for stage in topology.stages(strategy):
         holder, dest, counts = _advance(holder, dest, topology, stage)

@@ -35,7 +35,7 @@ def local_counts(topology: Topology, candidates: list[str], dest_rank_TK: torch.
     parts = [
         c.reshape(-1)
         for name in candidates
-        for c in cm.stage_rows(dest_rank_TK.detach().to("cpu", torch.int64), topology, name, origins=[rank])
+        for c in cm.stage_rows(dest_rank_TK.detach().to(torch.int64), topology, name, origins=[rank])
     ]
     return torch.cat(parts)
 
@@ -98,10 +98,9 @@ def pick_strategy(
     rank = dist.get_rank(group) if distributed else 0
     flat = local_counts(topology, candidates, dest_rank_TK, rank)
     if distributed:
-        # NCCL reduces only device tensors; gloo only host ones: follow the routing tensor's device.
-        buf = flat.to(dest_rank_TK.device) if dest_rank_TK.device.type == "cuda" else flat
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-        flat = buf.cpu()
+        # the counts live on the routing's device: NCCL reduces device tensors, gloo host ones
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat = flat.cpu()
     predicted = predicted_ms(topology, split_counts(topology, candidates, flat), row_bytes, model)
     best = min(range(len(candidates)), key=lambda i: (predicted[candidates[i]], i))
     return candidates[best], predicted
