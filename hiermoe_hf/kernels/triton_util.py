@@ -33,6 +33,48 @@ def interpreting() -> bool:
     return type(_probe).__name__ == "InterpretedFunction"
 
 
+def _fix_interpreter_index() -> bool:
+    """Let the interpreter's ``range(K)`` over a kernel argument work with NumPy >= 2.4; True if patched.
+
+    The interpreter holds a scalar argument as a 1-element array and Triton <= 3.6 turns it into a
+    loop bound with ``int(array([v]))``, which NumPy 2.4 rejects ("only 0-dimensional arrays can be
+    converted to Python scalars"; triton-lang/triton#9171, fixed upstream by squeezing first).
+    Feature-detected: an interpreter that already accepts a 1-element tensor is left alone.
+    """
+    try:
+        import warnings
+
+        import numpy as np
+        from triton.runtime import interpreter
+
+        original = interpreter._patch_lang_tensor
+        scope = interpreter._LangPatchScope()
+        try:
+            original(tl.core.tensor, scope)
+            one = tl.core.tensor(interpreter.TensorHandle(np.array([1], dtype=np.int32), tl.int32), tl.int32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # NumPy 1.25-2.3 warn, then convert
+                one.__index__()
+            return False
+        except TypeError:
+            pass
+        finally:
+            scope.restore()
+    except Exception:  # an interpreter whose internals differ: nothing known to fix
+        return False
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+if interpreting():
+    _fix_interpreter_index()
+
+
 def why_cannot_run() -> str | None:
     """None if the Triton kernels can launch here, else the reason (for a clear error)."""
     if interpreting():
