@@ -3,8 +3,8 @@
 Per MoE layer, from the routing window of recent steps (``swap_stats``), the configured policy
 (``hierd`` or ``load``, ``swap_planner``) picks up to ``swap_pairs`` exchanges of experts between
 ranks; ``swap_executor`` moves their weights, gradients and optimizer state and updates the
-placement on every rank. Every rank runs the same planner on the same gathered routing; rank 0's
-decision is broadcast anyway, so float round-off can never split the ranks' placements.
+placement on every rank. The routing windows are gathered to rank 0, which alone plans and
+broadcasts its decision: one decision everywhere, and the other ranks spend no time planning.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def swap_experts(model: torch.nn.Module, optimizer=None) -> list[dict]:
         for _, layer in layers.values():
             layer.routing.end_interval()
         return records
-    windows = gather_windows([layer for _, layer in layers.values()], device)
+    windows = gather_windows([layer for _, layer in layers.values()], device, dst=0)  # None off rank 0
     cost_model = rt.cost_model
     policy, topo = rt.config.swap_policy, rt.topology
     rows, strategies = [], {}

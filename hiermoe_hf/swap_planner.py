@@ -22,9 +22,10 @@ it selects exactly one of them. With ``c_t(G)`` the token's selections under key
 
 ``lone[x, o]``: tokens from o selecting x alone under its key; ``gain[x, G, o]``: tokens from o
 selecting x with nothing under G; ``lone_both[x, y, o]``: tokens from o selecting x and y with x
-alone under its key (they keep their row: y moves in). One pass over the N*K selections builds
-``lone`` and ``gain`` (O(N*K*G), G <= E groups) and ``lone_both`` (O(N*K^2)), so every pair's counts
-cost O(N*K*E) in all, not a recount per pair. Plain stages move ``sel[o, a] - sel[o, b]`` rows
+alone under its key (they keep their row: y moves in). Per origin rank, small dense matmuls over
+the token-by-expert count matrix (built once per round) give ``lone``, ``gain`` and ``lone_both``
+in O(N*E*(E+G)) (G <= E keys), so every pair's counts cost that in all, not a recount per pair.
+Plain stages move ``sel[o, a] - sel[o, b]`` rows
 from ``d = rank(a)`` to ``rank(b)``.
 
 Objective (per forward, seconds): dispatch + combine of the current strategy, each stage
@@ -181,50 +182,80 @@ class _Summary:
     sel_EW: torch.Tensor | None = None  # plain: int64 [E, W] selections per (expert, origin)
 
 
-def _summarise(ids_NK, origin_N, rank_of_E, sc: StageCells, W: int, with_pairs: bool = True) -> _Summary:
+@dataclass(frozen=True)
+class _Incidence:
+    """A window's placement-independent part, built once per planning round.
+
+    M_NE: float [N, E] how often token t selected expert e (small exact integers; float32 while every
+    sum stays below 2**24, else float64), rows grouped by origin rank; bounds: W + 1 row offsets,
+    origin o's tokens are rows ``bounds[o]:bounds[o + 1]``.
+    """
+
+    M_NE: torch.Tensor
+    bounds: tuple[int, ...]
+
+
+def _incidence(ids_NK: torch.Tensor, origin_N: torch.Tensor, E: int, W: int) -> _Incidence:
+    N, K = ids_NK.shape
+    dtype = torch.float32 if K * max(N, 1) < 2**24 else torch.float64
+    order = torch.argsort(origin_N, stable=True)
+    ids = ids_NK[order]
+    M = torch.zeros(N, E, dtype=dtype, device=ids_NK.device).scatter_add_(1, ids.clamp(min=0), (ids >= 0).to(dtype))
+    bounds = [0]
+    for n in torch.bincount(origin_N, minlength=W).tolist():
+        bounds.append(bounds[-1] + n)
+    return _Incidence(M, tuple(bounds))
+
+
+def _summarise(ids_NK, origin_N, rank_of_E, sc: StageCells, W: int, with_pairs: bool = True,
+               inc: _Incidence | None = None) -> _Summary:
+    """The stage's rows per cell now and, ``with_pairs``, the delta rule's statistics.
+
+    De-duplicated stages work per origin rank on the incidence ``M`` [n, E]: ``c = M @ onehot(key)``
+    [n, G] (selections per key), ``A = M * (c[:, key] == 1)`` (selections alone under their key),
+    ``lone = A.sum(0)``, ``gain = M.T @ (c == 0)`` [E, G], ``both = A.T @ M`` [E, E] without its
+    diagonal (a selection never pairs with itself). All sums are of small integers, hence exact.
+    """
     E = rank_of_E.numel()
     N, K = ids_NK.shape
     dev = ids_NK.device
-    valid_NK, x_NK, d_NK = _valid(ids_NK, rank_of_E)
     cell_OG = sc.cell_OG.to(dev)
     G = cell_OG.shape[1]
     key_E = rank_of_E // sc.key_div
-    g_NK = d_NK // sc.key_div
-    o_NK = origin_N.view(N, 1).expand(N, K)
     C = sc.num_cells
     if not sc.stage.dedup:
+        valid_NK, x_NK, d_NK = _valid(ids_NK, rank_of_E)
+        g_NK = d_NK // sc.key_div
+        o_NK = origin_N.view(N, 1).expand(N, K)
         base = torch.bincount(cell_OG[o_NK[valid_NK], g_NK[valid_NK]], minlength=C)
         summary = _Summary(sc, base, key_E)
         if with_pairs:
             sel = torch.bincount(x_NK[valid_NK] * W + o_NK[valid_NK], minlength=E * W)
             summary.sel_EW = sel.view(E, W)
         return summary
-    # c_NG[t, g]: the token's selections under key g (the sentinel column G collects invalid ones).
-    g_or_sentinel = torch.where(valid_NK, g_NK, G)
-    c_NG = torch.zeros(N, G + 1, dtype=torch.int64, device=dev).scatter_add_(
-        1, g_or_sentinel, torch.ones_like(g_or_sentinel))[:, :G]
-    hit_t, hit_g = c_NG.nonzero(as_tuple=True)
-    base = torch.bincount(cell_OG[origin_N[hit_t], hit_g], minlength=C)
+    if inc is None:
+        inc = _incidence(ids_NK, origin_N, E, W)
+    dtype = inc.M_NE.dtype
+    onehot_EG = (key_E.view(E, 1) == torch.arange(G, device=dev).view(1, G)).to(dtype)
+    hits, lone, gain, both = [], [], [], []
+    for o in range(W):
+        M = inc.M_NE[inc.bounds[o] : inc.bounds[o + 1]]
+        c = M @ onehot_EG  # [n, G]
+        hits.append((c > 0).sum(0))
+        if not with_pairs:
+            continue
+        A = M * (c[:, key_E] == 1)
+        lone.append(A.sum(0))
+        gain.append(M.T @ (c == 0).to(dtype))
+        both.append(A.T @ M)
+    base = torch.zeros(C, dtype=torch.int64, device=dev).index_add_(0, cell_OG.reshape(-1), torch.stack(hits).view(-1))
     summary = _Summary(sc, base, key_E)
-    if not with_pairs:
-        return summary
-    t_Q, k_Q = valid_NK.nonzero(as_tuple=True)  # Q valid selections
-    x_Q, o_Q = x_NK[t_Q, k_Q], origin_N[t_Q]
-    alone_Q = c_NG[t_Q, g_NK[t_Q, k_Q]] == 1
-    xo_Q = x_Q * W + o_Q
-    summary.lone_EW = torch.bincount(xo_Q[alone_Q], minlength=E * W).view(E, W)
-    zero_QG = (c_NG[t_Q] == 0).to(torch.int64)
-    gain = torch.zeros(E * W, G, dtype=torch.int64, device=dev).index_add_(0, xo_Q, zero_QG)
-    summary.gain_EGW = gain.view(E, W, G).permute(0, 2, 1).contiguous()
-    # Ordered pairs (k1, k2), k1 != k2, of one token's valid selections, with k1 alone under its key.
-    k1, k2 = torch.meshgrid(torch.arange(K, device=dev), torch.arange(K, device=dev), indexing="ij")
-    off = k1 != k2
-    k1, k2 = k1[off], k2[off]
-    alone_NK = torch.zeros(N, K, dtype=torch.bool, device=dev)
-    alone_NK[t_Q, k_Q] = alone_Q
-    keep_NJ = valid_NK[:, k1] & valid_NK[:, k2] & alone_NK[:, k1]
-    idx = (x_NK[:, k1] * E + x_NK[:, k2]) * W + origin_N.view(N, 1)
-    summary.both_EEW = torch.bincount(idx[keep_NJ], minlength=E * E * W).view(E, E, W)
+    if with_pairs:
+        summary.lone_EW = torch.stack(lone, dim=1).to(torch.int64)
+        summary.gain_EGW = torch.stack(gain, dim=2).to(torch.int64)
+        both_EEW = torch.stack(both, dim=2).to(torch.int64)
+        both_EEW.diagonal(dim1=0, dim2=1).zero_()
+        summary.both_EEW = both_EEW
     return summary
 
 
@@ -307,18 +338,22 @@ def selections_per_expert(ids_NK: torch.Tensor, E: int) -> torch.Tensor:
 
 
 class Objective:
-    """The hierd objective for one layer's window under one placement (rebuild after each swap)."""
+    """The hierd objective for one layer's window under one placement (rebuild after each swap).
+
+    ``incidence`` (``window_incidence(window, E, W)``) and ``sel_E`` (int64 [E],
+    ``selections_per_expert``) do not depend on the placement: pass them to reuse them across
+    rebuilds within a round.
+    """
 
     def __init__(self, window: RoutingWindow, rank_of_E: torch.Tensor, topology: Topology, strategy: str,
-                 costs: PlannerCosts):
+                 costs: PlannerCosts, incidence: _Incidence | None = None, sel_E: torch.Tensor | None = None):
         self.window, self.rank_of_E, self.topology, self.costs = window, rank_of_E, topology, costs
         W = topology.world_size
-        self.summaries = [
-            _summarise(window.ids_NK, window.origin_N, rank_of_E, sc, W)
-            for sc in stage_cells(topology, strategy)
-            if sc.group_size > 1
-        ]
-        self.sel_E = selections_per_expert(window.ids_NK, rank_of_E.numel())
+        cells = [sc for sc in stage_cells(topology, strategy) if sc.group_size > 1]
+        if incidence is None and any(sc.stage.dedup for sc in cells):
+            incidence = window_incidence(window, rank_of_E.numel(), W)
+        self.summaries = [_summarise(window.ids_NK, window.origin_N, rank_of_E, sc, W, inc=incidence) for sc in cells]
+        self.sel_E = selections_per_expert(window.ids_NK, rank_of_E.numel()) if sel_E is None else sel_E
         self.load_W = loads_per_rank(self.sel_E, rank_of_E, W)
         f = window.rows_scale
         # Smooth-max scales fixed by the current placement, so every pair is priced by one function.
@@ -354,6 +389,11 @@ class Objective:
         return (self.now_s - self.after(pairs_P2)) * self.window.passes
 
 
+def window_incidence(window: RoutingWindow, E: int, W: int) -> _Incidence:
+    """The window's per-token expert counts grouped by origin (placement-independent; see ``Objective``)."""
+    return _incidence(window.ids_NK, window.origin_N, E, W)
+
+
 def move_cost_s(topology: Topology, cost_model: cm.CostModel, rank_a: int, rank_b: int, nbytes: float) -> float:
     """Modelled seconds to exchange ``nbytes`` each way between two ranks, over the slowest link
     between them: the stage of the outermost digit where they differ, priced as that stage's
@@ -386,11 +426,15 @@ def plan_hierd(
     rank_of_E = rank_of_E.clone()
     chosen: list[SwapChoice] = []
     used: set[int] = set()
+    inc = sel_E = None
     for _ in range(max_pairs):
         pairs = candidate_pairs(rank_of_E, used)
         if pairs.numel() == 0 or window.ids_NK.numel() == 0:
             break
-        obj = Objective(window, rank_of_E, topology, strategy, costs)
+        if inc is None:  # placement-independent: once per round
+            inc = window_incidence(window, rank_of_E.numel(), topology.world_size)
+            sel_E = selections_per_expert(window.ids_NK, rank_of_E.numel())
+        obj = Objective(window, rank_of_E, topology, strategy, costs, inc, sel_E)
         saving = obj.savings(pairs)
         best = int(torch.argmax(saving))  # the first of equal maxima: lexicographic tie-break
         a, b = int(pairs[best, 0]), int(pairs[best, 1])
@@ -422,6 +466,7 @@ def plan_load(
     sel_E = selections_per_expert(window.ids_NK, rank_of_E.numel())
     chosen: list[SwapChoice] = []
     used: set[int] = set()
+    inc = None
     for _ in range(max_pairs):
         pairs = candidate_pairs(rank_of_E, used)
         if pairs.numel() == 0:
@@ -440,7 +485,9 @@ def plan_load(
         best = int(torch.argmin(torch.where(peak_P == lowest, sq_P, torch.iinfo(torch.int64).max)))
         a, b = int(a_P[best]), int(b_P[best])
         ra, rb = int(rank_of_E[a]), int(rank_of_E[b])
-        obj = Objective(window, rank_of_E, topology, strategy, costs)
+        if inc is None:
+            inc = window_incidence(window, rank_of_E.numel(), W)
+        obj = Objective(window, rank_of_E, topology, strategy, costs, inc, sel_E)
         saving = obj.savings(pairs[best : best + 1])[0].item()
         chosen.append(SwapChoice(a, b, ra, rb, saving, move_cost(ra, rb)))
         rank_of_E[a], rank_of_E[b] = rb, ra

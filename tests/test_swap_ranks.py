@@ -307,3 +307,28 @@ def test_bad_input():
         execute_swaps(model, [(name, 0, 1), (name, 1, 2)])
     with pytest.raises(ValueError, match="no MoE layer 'nope'"):
         execute_swaps(model, [("nope", 0, 1)])
+
+
+def gather_to_rank0_job():
+    """gather_windows(dst=0): rank 0 gets the all-gathered window, the other ranks None."""
+    import torch.distributed as dist
+
+    from hiermoe_hf.patch import moe_layers
+    from hiermoe_hf.swap_stats import gather_windows
+
+    r = dist.get_rank()
+    model = hiermoe_hf.patch(build_model(tiny_qwen3_moe_config()), hiermoe_hf.HierMoEConfig(topology="2x2"))
+    layers = [layer for _, layer in moe_layers(model).values()]
+    layers[0].routing.record(torch.tensor([[r, 7 - r]] * (r + 1)), 8, training=False)
+    everywhere = gather_windows(layers, torch.device("cpu"))[0]
+    to_zero = gather_windows(layers, torch.device("cpu"), dst=0)[0]
+    if r:
+        return to_zero is None
+    return (
+        torch.equal(to_zero.ids_NK, everywhere.ids_NK) and torch.equal(to_zero.origin_N, everywhere.origin_N)
+        and (to_zero.rows_scale, to_zero.passes) == (everywhere.rows_scale, everywhere.passes)
+    )
+
+
+def test_routing_windows_gathered_to_rank_0_only(ranks):
+    assert ranks(4).run(gather_to_rank0_job) == [True] * 4
