@@ -99,16 +99,50 @@ def stage_costs_from_links(topology: Topology, links: Sequence[Link]) -> dict[st
 DEFAULT_LINKS_OUTER = Link(latency_s=30e-6, bandwidth=25e9)
 DEFAULT_LINKS_INNER = Link(latency_s=10e-6, bandwidth=100e9)
 
-# Preset "hiermoe-paper": the HierMoE paper's testbed, 4 nodes x 8 NVIDIA RTX A6000 (arXiv
-# 2508.09591, section on experiments). The paper's fitted alpha/beta values could not be retrieved
-# here, so these are STAND-INS derived from the hardware class, not the paper's numbers:
-# inter-node 100 Gb/s InfiniBand per node (12.5 GB/s, ~10 GB/s achievable), intra-node PCIe 4.0
-# x16 per GPU (~16 GB/s achievable for peer traffic). Replace them with a calibration JSON.
-PAPER_LINKS = (Link(latency_s=50e-6, bandwidth=10e9), Link(latency_s=20e-6, bandwidth=16e9))
+# Preset "hiermoe-paper": the HierMoE paper's own fitted constants (arXiv 2508.09591, Fig. 9),
+# NCCL on 4 nodes x 8 RTX A6000 (NVLink pairs, PCIe 4.0, 200 Gb/s per node). The paper names the
+# stages of hdD Inter-level-i (i = 1 .. d-1) and Intra-level-(d-1), and "standard" for the flat
+# all-to-all; its n is group size x largest per-peer message, as here. Units as printed: alpha in
+# ms, beta in ms per byte (startups of 0.1-0.7 ms; 1/beta from 1.9 GB/s across nodes to 61 GB/s
+# on the innermost level).
+PAPER_FIT_MS = {
+    "standard": (7.22e-1, 5.70e-7),
+    "inter-1": (4.97e-1, 5.29e-7),
+    "intra-1": (5.71e-1, 1.27e-7),
+    "inter-2": (3.01e-1, 1.17e-7),
+    "intra-2": (1.14e-1, 2.63e-8),
+    "inter-3": (1.49e-1, 2.06e-8),
+    "intra-3": (2.04e-1, 1.64e-8),
+}
 PAPER_SOURCE = (
-    "preset hiermoe-paper: stand-ins for the HierMoE paper's 4x8 RTX A6000 cluster (arXiv 2508.09591); "
-    "derived from 100 Gb/s InfiniBand per node and PCIe 4.0 per GPU, NOT the paper's fitted constants"
+    "preset hiermoe-paper: the HierMoE paper's fitted alpha/beta (arXiv 2508.09591, Fig. 9; "
+    "NCCL, 4 nodes x 8 RTX A6000, 200 Gb/s per node)"
 )
+
+
+def paper_stage_key(topology: Topology, stage: Stage) -> str:
+    """The paper's name for ``stage``: flat = standard, last stage [l, D) = Intra-level-l, else Inter-level-(l+1)."""
+    if stage.lo == 0 and stage.hi == topology.depth:
+        return "standard"
+    if stage.hi == topology.depth:
+        return f"intra-{stage.lo}"
+    return f"inter-{stage.lo + 1}"
+
+
+def paper_cost_model(topology: Topology) -> CostModel:
+    """The paper's constants by stage; topologies of 2 to 4 levels (the paper fitted up to Intra-level-3)."""
+    if not 2 <= topology.depth <= 4:
+        raise ValueError(
+            f"preset 'hiermoe-paper' has constants for topologies of 2 to 4 levels; {topology} has {topology.depth}"
+        )
+    stages = {}
+    for strategy in topology.strategies():
+        for stage in topology.stages(strategy):
+            alpha_ms, beta_ms = PAPER_FIT_MS[paper_stage_key(topology, stage)]
+            stages[stage.name] = StageCost(alpha_ms * 1e-3, beta_ms * 1e-3)
+    return CostModel(str(topology), stages, PAPER_SOURCE, False)
+
+
 PRESETS = ("default", "hiermoe-paper")
 
 
@@ -201,12 +235,7 @@ def preset_cost_model(name: str, topology: Topology) -> CostModel:
     if name == "default":
         return default_cost_model(topology)
     if name == "hiermoe-paper":
-        if topology.depth != 2:
-            raise ValueError(
-                f"preset 'hiermoe-paper' describes a two-level cluster (nodes x GPUs); "
-                f"topology {topology} has {topology.depth} levels"
-            )
-        return links_cost_model(topology, PAPER_LINKS, PAPER_SOURCE)
+        return paper_cost_model(topology)
     raise ValueError(f"unknown cost-model preset {name!r}; valid: {', '.join(PRESETS)} (or a calibration JSON path)")
 
 

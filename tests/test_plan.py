@@ -60,7 +60,7 @@ def test_text_output(capsys):
     text = capsys.readouterr().out
     assert "chosen: hd2 (depth 2)" in text
     assert "routing group-limited" in text and "groups R" in text and "K=8" in text
-    assert "NOT the paper's fitted constants" in text
+    assert "Fig. 9" in text  # the cost model's source is printed
 
 
 def test_local_config_folder_and_trace(tmp_path, capsys):
