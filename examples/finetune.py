@@ -246,8 +246,9 @@ def summary_table(s: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # without it, gloo ranks often abort at interpreter exit
+    main()
+    if dist.is_initialized():
+        # all ranks finish together, then tear the groups down: without this, gloo ranks often abort
+        # at interpreter exit ("terminate called without an active exception")
+        dist.barrier()
+        dist.destroy_process_group()
