@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from .patch import is_patched, moe_layers, runtime_of
 from .swap_executor import execute_swaps, expert_bytes, unwrap_optimizer
-from .swap_planner import DEFAULT_FLOPS, PlannerCosts, move_cost_s, plan, strategy_for
+from .swap_planner import DEFAULT_FLOPS, PlannerCosts, move_cost_s, strategy_for
+from .swap_policies import plan
 from .swap_stats import gather_windows
 
 

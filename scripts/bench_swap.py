@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiermoe_hf import cost_model as cm  # noqa: E402
 from hiermoe_hf import swap_planner as sp  # noqa: E402
+from hiermoe_hf import swap_policies  # noqa: E402
 from hiermoe_hf.swap_stats import RoutingStats  # noqa: E402
 from hiermoe_hf.topology import Topology, parse_levels  # noqa: E402
 
@@ -156,7 +157,7 @@ def run_modelled_topology(args, topo: Topology) -> list[dict]:
                 tokens = scale * sum(s.tokens for s in stats) / stats[0].forwards  # per forward, all ranks
                 win = sp.RoutingWindow(window, origin, tokens / window.shape[0], float(stats[0].passes))
                 t0 = time.perf_counter()
-                choices = sp.plan(policy, win, rank_of_E, topo, strategy, costs,
+                choices = swap_policies.plan(policy, win, rank_of_E, topo, strategy, costs,
                                   lambda ra, rb: sp.move_cost_s(topo, model, ra, rb, expert_bytes),
                                   max_pairs=args.pairs)
                 plan_s += time.perf_counter() - t0

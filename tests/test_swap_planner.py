@@ -13,6 +13,7 @@ import torch
 
 from hiermoe_hf import cost_model as cm
 from hiermoe_hf import swap_planner as sp
+from hiermoe_hf import swap_policies as pol
 from hiermoe_hf.topology import Topology
 
 T22 = Topology((2, 2))
@@ -103,7 +104,7 @@ def co_activated_case():
 def test_balancing_swap_that_splits_co_activated_experts_taken_by_load_rejected_by_hierd():
     window, rank_of_E = co_activated_case()
     costs = flat_costs(T22)
-    load = sp.plan_load(window, rank_of_E, T22, "hd2", costs, cheap_move)
+    load = pol.plan_load(window, rank_of_E, T22, "hd2", costs, cheap_move)
     assert len(load) == 1
     choice = load[0]
     # Selections: experts 0, 1: 32 each; 2, 3: 8; 4..7: 4. Rank loads 64, 16, 8, 8. Exchanging 0 (or 1)
@@ -120,7 +121,7 @@ def test_balancing_swap_that_splits_co_activated_experts_taken_by_load_rejected_
     after = recount(window.ids_NK, window.origin_N, after_E, T22, "hd2")
     assert sum(int(c.sum()) for c in after) > sum(int(c.sum()) for c in before)
     # hierd sees that and keeps the co-activated pair together: no swap at all.
-    assert sp.plan_hierd(window, rank_of_E, T22, "hd2", costs, cheap_move) == []
+    assert pol.plan_hierd(window, rank_of_E, T22, "hd2", costs, cheap_move) == []
 
 
 def split_pair_case():
@@ -134,7 +135,7 @@ def split_pair_case():
 def test_hierd_co_locates_experts_used_together_and_predicts_the_saving():
     window, rank_of_E = split_pair_case()
     costs = flat_costs(T22)
-    (choice,) = sp.plan_hierd(window, rank_of_E, T22, "hd2", costs, cheap_move)
+    (choice,) = pol.plan_hierd(window, rank_of_E, T22, "hd2", costs, cheap_move)
     after_E = rank_of_E.clone()
     after_E[choice.a], after_E[choice.b] = choice.rank_b, choice.rank_a
     assert after_E[0] == after_E[6], f"0 and 6 should end on one rank, got {after_E.tolist()}"
@@ -150,19 +151,19 @@ def test_hierd_co_locates_experts_used_together_and_predicts_the_saving():
 def test_hierd_accepts_only_when_the_saving_over_the_interval_exceeds_the_move_cost():
     window, rank_of_E = split_pair_case()
     costs = flat_costs(T22)
-    (choice,) = sp.plan_hierd(window, rank_of_E, T22, "hd2", costs, cheap_move)
-    assert sp.plan_hierd(window, rank_of_E, T22, "hd2", costs, lambda ra, rb: choice.saving_s * 1.01) == []
-    assert len(sp.plan_hierd(window, rank_of_E, T22, "hd2", costs, lambda ra, rb: choice.saving_s * 0.99)) == 1
+    (choice,) = pol.plan_hierd(window, rank_of_E, T22, "hd2", costs, cheap_move)
+    assert pol.plan_hierd(window, rank_of_E, T22, "hd2", costs, lambda ra, rb: choice.saving_s * 1.01) == []
+    assert len(pol.plan_hierd(window, rank_of_E, T22, "hd2", costs, lambda ra, rb: choice.saving_s * 0.99)) == 1
     # A shorter interval (fewer passes) shrinks the saving below the same move cost.
     short = sp.RoutingWindow(window.ids_NK, window.origin_N, 1.0, window.passes / 100)
-    assert sp.plan_hierd(short, rank_of_E, T22, "hd2", costs, lambda ra, rb: choice.saving_s * 0.5) == []
+    assert pol.plan_hierd(short, rank_of_E, T22, "hd2", costs, lambda ra, rb: choice.saving_s * 0.5) == []
 
 
 def test_several_pairs_per_round_move_each_expert_once():
     window, rank_of_E = split_pair_case()
     ids = torch.cat([window.ids_NK, torch.tensor([[1, 7]] * 12)])
     window = sp.RoutingWindow(ids, torch.arange(ids.shape[0]) % 4, 1.0, 10.0)
-    chosen = sp.plan_hierd(window, rank_of_E, T22, "hd2", flat_costs(T22), cheap_move, max_pairs=3)
+    chosen = pol.plan_hierd(window, rank_of_E, T22, "hd2", flat_costs(T22), cheap_move, max_pairs=3)
     assert len(chosen) >= 2
     moved = [x for c in chosen for x in (c.a, c.b)]
     assert len(moved) == len(set(moved))
@@ -183,4 +184,4 @@ def test_strategy_for_and_unknown_policy():
     assert sp.strategy_for(T22, "auto", "a2a") == "a2a"
     assert sp.strategy_for(T22, "2dh") == "2dh"
     with pytest.raises(ValueError, match="valid: hierd, load"):
-        sp.plan("balanced", None, None, T22, "hd2", None, None)
+        pol.plan("balanced", None, None, T22, "hd2", None, None)
