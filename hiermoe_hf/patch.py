@@ -118,13 +118,13 @@ def _experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, t
     ops = select_ops(rt.config.kernels, hidden_TH.device)
     strategy, predicted = _choose(rt, phys_TK // e, hidden_TH)
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
-    t0 = _clock(hidden_TH)
+    t0 = _mark(hidden_TH)
     x_RH, phys_RK, w_RK, handle = dispatch(hidden_TH, phys_TK, topk_w_TK, plan, ops)
-    t1 = _clock(hidden_TH)
+    t1 = _mark(hidden_TH)
     y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops)
-    t2 = _clock(hidden_TH)
+    t2 = _mark(hidden_TH)
     out_TH = combine(y_RH, handle, ops)
-    t3 = _clock(hidden_TH)
+    t3 = _mark(hidden_TH)
     row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
     meta_bytes = K * (4 + (8 if topk_w_TK.dtype == torch.float64 else 4))
     layer.last = {
@@ -134,11 +134,12 @@ def _experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, t
         "stages": stage_stats(handle, plan, row_bytes, meta_bytes),
         "predicted_ms": predicted.get(strategy),
         "predicted_ms_by_strategy": predicted,
-        "measured_ms": 1e3 * ((t1 - t0) + (t3 - t2)),
+        "measured_ms": _Elapsed((t0, t1), (t2, t3)),
         "cost_model": rt.cost_model.source,
         "cost_model_defaults": bool(rt.cost_model.defaults_used),
-        "expert_rows": int(counts_e.sum()),
-        "load_per_rank": torch.bincount((phys_TK // e).flatten(), minlength=rt.world_size).tolist(),
+        # device tensors: read back in stats(), not here, so the forward adds no host sync
+        "expert_rows": counts_e.sum(),
+        "load_per_rank": torch.bincount((phys_TK // e).flatten(), minlength=rt.world_size),
     }
     if layer.runtime.config.swap_interval > 0 or getattr(layer, "record_routing", False):
         record_routing(layer, topk_ids_TK, hidden_TH.requires_grad)  # bounded window for swap planning
@@ -152,11 +153,39 @@ def _choose(rt: Runtime, dest_rank_TK: torch.Tensor, hidden_TH: torch.Tensor) ->
     return pick_strategy(rt.topology, rt.topology.strategies(), dest_rank_TK, row_bytes, rt.cost_model, None)
 
 
-def _clock(like: torch.Tensor) -> float:
-    """Wall time after the device's queued work (the dispatch syncs the host each stage anyway)."""
+def _mark(like: torch.Tensor):
+    """A point in time on ``like``'s device: a CUDA event (no host sync) or the CPU clock."""
     if like.is_cuda:
-        torch.cuda.synchronize(like.device)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
     return time.perf_counter()
+
+
+class _Elapsed:
+    """Milliseconds summed over (start, end) mark pairs, resolved only when ``stats`` asks."""
+
+    def __init__(self, *spans):
+        self.spans = spans
+
+    def ms(self) -> float:
+        total = 0.0
+        for start, end in self.spans:
+            if isinstance(start, float):
+                total += 1e3 * (end - start)
+            else:
+                end.synchronize()
+                total += start.elapsed_time(end)
+        return total
+
+
+def _host(value):
+    """A stats value as plain Python: tensors to numbers/lists, timings to milliseconds."""
+    if isinstance(value, _Elapsed):
+        return value.ms()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return list(value) if isinstance(value, list) else value
 
 
 def _gather_full(local: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -195,7 +224,7 @@ def stats(model: torch.nn.Module) -> dict[str, dict]:
     """
     out = {}
     for name, (_, layer) in moe_layers(model).items():
-        entry = {k: (list(v) if isinstance(v, list) else v) for k, v in layer.last.items()}
+        entry = {k: _host(v) for k, v in layer.last.items()}
         entry["stages"] = [dict(s) for s in layer.last.get("stages", [])]
         entry["swaps"] = list(layer.swaps)
         out[name] = entry
