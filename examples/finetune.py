@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, get_scheduler
 
 import hiermoe_hf
 from hiermoe_hf.accelerate import HierMoEPlugin
-from hiermoe_hf.patch import runtime_of
+from hiermoe_hf.runtime.registry import runtime_of
 from hiermoe_hf.tiny_data import builtin_corpus, byte_tokenizer, pack_blocks
 from hiermoe_hf.tiny_models import build_model, qwen3_30b_a3b_mini_config
 

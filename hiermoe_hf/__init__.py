@@ -3,14 +3,18 @@
     cfg = hiermoe_hf.HierMoEConfig(topology="2x4", dispatch="auto")
     model = hiermoe_hf.patch(model, cfg)   # collective over the default process group
     hiermoe_hf.stats(model); hiermoe_hf.unpatch(model)
+
+The package map is docs/architecture.md.
 """
 
-from .checkpoint_load import from_pretrained
-from .config import HierMoEConfig
-from .patch import is_patched, patch, stats, unpatch
-from .swap import swap_experts
-from .topology import Topology
-from .training import all_reduce_gradients
+from hiermoe_hf.checkpoint.load import from_pretrained
+from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.runtime.patch import patch, unpatch
+from hiermoe_hf.runtime.registry import is_patched
+from hiermoe_hf.runtime.stats import stats
+from hiermoe_hf.swap.round import swap_experts
+from hiermoe_hf.topology import Topology
+from hiermoe_hf.training.gradients import all_reduce_gradients
 
 __all__ = [
     "HierMoEConfig", "Topology", "all_reduce_gradients", "from_pretrained", "is_patched", "patch", "stats",

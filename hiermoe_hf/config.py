@@ -52,6 +52,6 @@ class HierMoEConfig:
         if self.cost_model is not None and not isinstance(self.cost_model, (str, os.PathLike)):
             raise ValueError(f"cost_model must be a path to a calibration JSON or None, got {self.cost_model!r}")
         if self.topology is not None:
-            from .topology import parse_levels
+            from hiermoe_hf.topology import parse_levels
 
             parse_levels(self.topology)  # raises on a malformed spec

@@ -41,13 +41,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hiermoe_hf import calibrate as cal  # noqa: E402
-from hiermoe_hf import cost_model as cm  # noqa: E402
-from hiermoe_hf import routing_models as rm  # noqa: E402
-from hiermoe_hf.comm import StageGroups  # noqa: E402
-from hiermoe_hf.dispatcher import ExchangePlan, combine, dispatch  # noqa: E402
+from hiermoe_hf.cost import calibration as cal  # noqa: E402
+from hiermoe_hf.cost import model as cm  # noqa: E402
+from hiermoe_hf.cost import routing_models as rm  # noqa: E402
+from hiermoe_hf.cost.auto import pick_strategy  # noqa: E402
+from hiermoe_hf.exchange.comm import StageGroups  # noqa: E402
+from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch  # noqa: E402
 from hiermoe_hf.kernels import select_ops  # noqa: E402
-from hiermoe_hf.strategy import pick_strategy  # noqa: E402
 from hiermoe_hf.topology import Topology  # noqa: E402
 
 WORKLOADS = {

@@ -50,9 +50,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from hiermoe_hf.kernels import reference, triton_ops  # noqa: E402
+from hiermoe_hf.kernels import reference, select_ops  # noqa: E402
 
-TRITON = None if ARGS.compile_only else triton_ops.ops(require=True)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON = None if ARGS.compile_only else select_ops("triton", DEVICE)
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12, torch.float16: 1e-2}
 
 
@@ -212,7 +213,7 @@ def compile_all(arch: int = 90) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from hiermoe_hf.kernels import triton_combine, triton_layout, triton_pack
+    from hiermoe_hf.kernels import triton_combine, triton_layout, triton_pack, triton_rows
 
     target = GPUTarget("cuda", arch, 32)
     count = 0
@@ -235,14 +236,14 @@ def compile_all(arch: int = 90) -> int:
               dict(DEDUP=dedup, WRITE_MASK=write_mask, WRITE_K=write_k, BLOCK_R=128, BLOCK_S=32))
     for dt in ("bf16", "fp16", "fp32", "fp64"):
         acc = tl.float64 if dt == "fp64" else tl.float32
-        build(triton_pack._gather_rows_kernel, ints | dict(x_ptr=f"*{dt}", idx_ptr="*i64", out_ptr=f"*{dt}"),
+        build(triton_rows._gather_rows_kernel, ints | dict(x_ptr=f"*{dt}", idx_ptr="*i64", out_ptr=f"*{dt}"),
               dict(BLOCK_P=4, BLOCK_H=1024))
         build(triton_pack._pack_route_kernel,
               ints | dict(ids_ptr="*i64", w_ptr=f"*{dt}", idx_ptr="*i64", mask_ptr="*u8", ids_out_ptr="*i64",
                           w_out_ptr=f"*{dt}"),
               dict(BLOCK_P=512, BLOCK_K=8))
         for has_w, has_mask in ((False, False), (True, False), (False, True)):
-            build(triton_combine._segment_sum_kernel,
+            build(triton_rows._segment_sum_kernel,
                   ints | dict(y_ptr=f"*{dt}", w_ptr=f"*{dt}", mask_ptr="*u8", order_ptr="*i64", start_ptr="*i64",
                               out_ptr=f"*{dt}"),
                   dict(HAS_W=has_w, HAS_MASK=has_mask, ACC=acc, BLOCK_R=4, BLOCK_H=1024))

@@ -48,10 +48,10 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hiermoe_hf import cost_model as cm  # noqa: E402
-from hiermoe_hf import swap_planner as sp  # noqa: E402
-from hiermoe_hf import swap_policies  # noqa: E402
-from hiermoe_hf.swap_stats import RoutingStats  # noqa: E402
+from hiermoe_hf.cost import model as cm  # noqa: E402
+from hiermoe_hf.swap import objective as sp  # noqa: E402
+from hiermoe_hf.swap import policies as swap_policies  # noqa: E402
+from hiermoe_hf.swap.window import RoutingStats  # noqa: E402
 from hiermoe_hf.topology import Topology, parse_levels  # noqa: E402
 
 POLICIES = ("none", "load", "hierd")
@@ -193,7 +193,7 @@ def run_modelled_topology(args, topo: Topology) -> list[dict]:
 
 def _measured_rank(rank, world, init_file, args, queue):
     import hiermoe_hf
-    from hiermoe_hf.patch import moe_layers
+    from hiermoe_hf.runtime.registry import moe_layers
     from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
     torch.set_num_threads(1)

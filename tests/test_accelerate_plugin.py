@@ -21,7 +21,7 @@ from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qw
 
 STEPS, B, L, LR, MAX_NORM = 12, 2, 9, 1e-3, 0.5
 try:
-    from hiermoe_hf.swap import swap_experts  # noqa: F401
+    from hiermoe_hf.swap.round import swap_experts  # noqa: F401
 
     HAVE_SWAP = True
 except ImportError:  # the swap issue's module is not there yet
@@ -60,7 +60,7 @@ def train_job(kind, plugin_kw, steps=STEPS, accum=1, save_at=None, save_dir=None
     import torch.distributed as dist
 
     from hiermoe_hf.accelerate import HierMoEPlugin
-    from hiermoe_hf.patch import moe_layers
+    from hiermoe_hf.runtime.registry import moe_layers
 
     W, r = dist.get_world_size(), dist.get_rank()
     acc = _fresh_accelerator(gradient_accumulation_steps=accum)
@@ -99,7 +99,7 @@ def train_job(kind, plugin_kw, steps=STEPS, accum=1, save_at=None, save_dir=None
 
 def _fingerprint(model, optimizer) -> dict:
     """sha256 of every parameter and of its optimizer state, bit for bit, plus the placements."""
-    from hiermoe_hf.patch import moe_layers
+    from hiermoe_hf.runtime.registry import moe_layers
 
     def digest(t):
         return hashlib.sha256(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
@@ -221,7 +221,7 @@ def traffic_job(dispatch):
     import torch.distributed as dist
 
     import hiermoe_hf
-    from hiermoe_hf.traffic import TrafficMeter
+    from hiermoe_hf.training.traffic import TrafficMeter
 
     r = dist.get_rank()
     model = build_model(tiny_qwen3_moe_config(num_experts=16, num_experts_per_tok=4))

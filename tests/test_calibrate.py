@@ -4,8 +4,8 @@ import pytest
 import torch.distributed as dist
 
 from hiermoe_hf import HierMoEConfig
-from hiermoe_hf import calibrate as cal
-from hiermoe_hf import cost_model as cm
+from hiermoe_hf.cost import calibration as cal
+from hiermoe_hf.cost import model as cm
 from hiermoe_hf.topology import Topology
 
 FIT_SIZES = (32 << 10, 128 << 10, 512 << 10, 1 << 20, 4 << 20)

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hiermoe_hf
-from hiermoe_hf import checkpoint_save
-from hiermoe_hf.patch import moe_layers
+from hiermoe_hf.checkpoint import save as checkpoint_save
+from hiermoe_hf.runtime.registry import moe_layers
 from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qwen3_moe_config
 
 CONFIGS = {"qwen3_moe": tiny_qwen3_moe_config, "deepseek_v3": tiny_deepseek_v3_config}
@@ -296,7 +296,7 @@ def test_streamed_safetensors_layout_is_save_file_bytes(tmp_path):
     """Header + raw bytes in data order (what the save streams) == safetensors' own save_file."""
     from safetensors.torch import save_file
 
-    from hiermoe_hf import safetensors_layout
+    from hiermoe_hf.checkpoint import safetensors_layout
 
     g = torch.Generator().manual_seed(0)
     tensors = {

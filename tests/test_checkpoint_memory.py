@@ -20,7 +20,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import hiermoe_hf
-from hiermoe_hf import checkpoint_save
+from hiermoe_hf.checkpoint import save as checkpoint_save
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
 WORLD = 4

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from hiermoe_hf import cost_model as cm
-from hiermoe_hf import routing_models as rm
+from hiermoe_hf.cost import model as cm
+from hiermoe_hf.cost import routing_models as rm
 from hiermoe_hf.topology import Topology
 
 T22 = Topology((2, 2))

@@ -9,8 +9,8 @@ import torch.distributed as dist
 from routing_cases import CASES, applicable, routing
 from stage_oracle import count_rows
 
-from hiermoe_hf.comm import StageGroups
-from hiermoe_hf.dispatcher import ExchangePlan, combine, dispatch, stage_stats
+from hiermoe_hf.exchange.comm import StageGroups
+from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch, stage_stats
 from hiermoe_hf.kernels import TORCH_OPS
 from hiermoe_hf.topology import Topology
 

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from hiermoe_hf import plan as planner
-from hiermoe_hf import routing_models as rm
+from hiermoe_hf.cost import planner as planner
+from hiermoe_hf.cost import routing_models as rm
 from hiermoe_hf.topology import Topology
 
 

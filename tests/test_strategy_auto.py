@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hiermoe_hf import cost_model as cm
-from hiermoe_hf import routing_models as rm
-from hiermoe_hf import strategy
+from hiermoe_hf.cost import auto as strategy
+from hiermoe_hf.cost import model as cm
+from hiermoe_hf.cost import routing_models as rm
 from hiermoe_hf.topology import Topology
 
 TOPO = Topology((2, 2))

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from hiermoe_hf import cost_model as cm
-from hiermoe_hf import swap_planner as sp
-from hiermoe_hf import swap_policies as pol
+from hiermoe_hf.cost import model as cm
+from hiermoe_hf.swap import objective as sp
+from hiermoe_hf.swap import policies as pol
 from hiermoe_hf.topology import Topology
 
 T22 = Topology((2, 2))

@@ -47,8 +47,8 @@ def executor_provenance_job(kind):
     AdamW state encoded; returns the mismatches found and the placements."""
     import torch.distributed as dist
 
-    from hiermoe_hf.patch import moe_layers
-    from hiermoe_hf.swap_executor import execute_swaps
+    from hiermoe_hf.runtime.registry import moe_layers
+    from hiermoe_hf.swap.executor import execute_swaps
 
     model = build_model(_config(kind))
     _encode_full_model(model)
@@ -114,8 +114,8 @@ def logits_job(kind, dispatch):
     """Logits of the patched model before and after swaps, and the unpatched model's on the global batch."""
     import torch.distributed as dist
 
-    from hiermoe_hf.patch import moe_layers
-    from hiermoe_hf.swap_executor import execute_swaps
+    from hiermoe_hf.runtime.registry import moe_layers
+    from hiermoe_hf.swap.executor import execute_swaps
 
     W, r = dist.get_world_size(), dist.get_rank()
     ref = build_model(_config(kind))
@@ -156,8 +156,8 @@ def training_job(mode):
     Returns (losses, full parameters after unpatch, number of swaps)."""
     import torch.distributed as dist
 
-    from hiermoe_hf.patch import moe_layers
-    from hiermoe_hf.swap_executor import execute_swaps
+    from hiermoe_hf.runtime.registry import moe_layers
+    from hiermoe_hf.swap.executor import execute_swaps
 
     W, r = dist.get_world_size(), dist.get_rank()
     model = build_model(tiny_qwen3_moe_config()).train()
@@ -214,7 +214,7 @@ def swap_experts_job(policy, cost_path):
     """Routing forced through the patched experts module, 4 forwards of 256 tokens per rank: 3/4 of
     the tokens pick experts 0 (rank 0, node 0) and 6 (rank 3, node 1) together, 1/4 pick 1 and 2.
     Returns the records, stats' swaps, placement, the output change and the interval's token count."""
-    from hiermoe_hf.patch import moe_layers
+    from hiermoe_hf.runtime.registry import moe_layers
 
     model = build_model(tiny_qwen3_moe_config())
     cfg = hiermoe_hf.HierMoEConfig(topology="2x2", dispatch="hd2", swap_interval=1, swap_policy=policy,
@@ -262,8 +262,8 @@ def gather_job():
     """Each rank records its own routing (rank r: r + 1 tokens); every rank gathers the same window."""
     import torch.distributed as dist
 
-    from hiermoe_hf.patch import moe_layers
-    from hiermoe_hf.swap_stats import gather_windows
+    from hiermoe_hf.runtime.registry import moe_layers
+    from hiermoe_hf.swap.window import gather_windows
 
     r = dist.get_rank()
     model = hiermoe_hf.patch(build_model(tiny_qwen3_moe_config()), hiermoe_hf.HierMoEConfig(topology="2x2"))
@@ -297,8 +297,8 @@ def test_bad_input():
     assert hiermoe_hf.swap_experts(model) == []
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         hiermoe_hf.swap_experts(model, optimizer=object())
-    from hiermoe_hf.patch import moe_layers
-    from hiermoe_hf.swap_executor import execute_swaps
+    from hiermoe_hf.runtime.registry import moe_layers
+    from hiermoe_hf.swap.executor import execute_swaps
 
     name = list(moe_layers(model))[0]
     with pytest.raises(ValueError, match="not a logical expert id in 0..7"):
@@ -313,8 +313,8 @@ def gather_to_rank0_job():
     """gather_windows(dst=0): rank 0 gets the all-gathered window, the other ranks None."""
     import torch.distributed as dist
 
-    from hiermoe_hf.patch import moe_layers
-    from hiermoe_hf.swap_stats import gather_windows
+    from hiermoe_hf.runtime.registry import moe_layers
+    from hiermoe_hf.swap.window import gather_windows
 
     r = dist.get_rank()
     model = hiermoe_hf.patch(build_model(tiny_qwen3_moe_config()), hiermoe_hf.HierMoEConfig(topology="2x2"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import hiermoe_hf
-from hiermoe_hf.swap_stats import RoutingStats, gather_windows
+from hiermoe_hf.swap.window import RoutingStats, gather_windows
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
 
@@ -41,7 +41,7 @@ def test_end_interval_keeps_the_window_and_state_dict_round_trips():
 
 def test_gather_without_a_process_group_gives_this_ranks_window_and_scale():
     model = hiermoe_hf.patch(build_model(tiny_qwen3_moe_config()))
-    from hiermoe_hf.patch import moe_layers
+    from hiermoe_hf.runtime.registry import moe_layers
 
     layers = [layer for _, layer in moe_layers(model).values()]
     layers[0].routing.record(torch.tensor([[0, 1], [2, 3], [4, 5]]), 8, training=True)

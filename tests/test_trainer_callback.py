@@ -47,7 +47,7 @@ def trainer_job(output_dir, callback_kw):
     from accelerate.state import AcceleratorState, GradientState
     from transformers import Trainer, TrainingArguments
 
-    from hiermoe_hf.patch import moe_layers
+    from hiermoe_hf.runtime.registry import moe_layers
     from hiermoe_hf.trainer import HierMoECallback
 
     os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE=str(dist.get_world_size()))
@@ -90,7 +90,7 @@ def _rel(a, b):
 
 
 try:
-    from hiermoe_hf.swap import swap_experts  # noqa: F401
+    from hiermoe_hf.swap.round import swap_experts  # noqa: F401
 
     HAVE_SWAP = True
 except ImportError:  # the swap issue's module is not there yet

@@ -25,16 +25,19 @@ TORCH_OPS = _namespace(reference, "torch")
 
 def select_ops(kernels: str, device: torch.device) -> SimpleNamespace:
     """"torch" -> reference; "triton" -> Triton (error if it cannot run); "auto" -> Triton on CUDA."""
-    if kernels == "torch":
+    if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
         return TORCH_OPS
-    if kernels in ("triton", "auto"):
-        try:
-            from . import triton_ops  # noqa: F401  (written by the kernels issue)
-        except ImportError as err:
-            if kernels == "triton":
-                raise RuntimeError(f"kernels='triton' requested but Triton kernels cannot load: {err}") from err
-            return TORCH_OPS
-        if kernels == "auto" and device.type != "cuda":
-            return TORCH_OPS
-        return triton_ops.ops(require=kernels == "triton")
-    raise ValueError(f"unknown kernels {kernels!r}; valid: auto, triton, torch")
+    if kernels not in ("triton", "auto"):
+        raise ValueError(f"unknown kernels {kernels!r}; valid: auto, triton, torch")
+    try:
+        from . import triton_ops  # noqa: PLC0415  (Triton is optional: imported only when asked for)
+    except ImportError as err:
+        if kernels == "triton":
+            raise RuntimeError(f"kernels='triton' requested but Triton kernels cannot load: {err}") from err
+        return TORCH_OPS
+    found = triton_ops.ops()
+    if found is None and kernels == "triton":
+        from .triton_util import why_cannot_run  # noqa: PLC0415
+
+        raise RuntimeError(f"kernels='triton' requested but Triton cannot run: {why_cannot_run()}")
+    return found or TORCH_OPS

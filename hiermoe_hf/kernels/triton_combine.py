@@ -6,7 +6,7 @@ block of output rows and sums their inputs in registers: fp32 accumulation (fp64
 store in the output dtype, no fp32 scratch buffer, and the same summation order as the CPU reference
 (ascending q), so results are deterministic.
 
-Backwards: ``unpack_sum`` -> gather (``triton_pack.gather_rows``); ``combine_rows`` -> one kernel
+Backwards: ``unpack_sum`` -> gather (``triton_rows.gather_rows``); ``combine_rows`` -> one kernel
 producing grad_y = w * grad_out[dst] and grad_w = <y, grad_out[dst]> in a single pass.
 """
 
@@ -16,40 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_pack import gather_rows
+from .triton_rows import gather_rows, segment_sum
 from .triton_util import acc_tl, check_tensor, row_blocks, to_dtype
-
-
-@triton.jit
-def _segment_sum_kernel(y_ptr, w_ptr, mask_ptr, order_ptr, start_ptr, out_ptr, num_rows, H,
-                        HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out [num_rows, H] = sum over q in segment(r) of (w[q] *) (mask[q] *) y[q]; grid (R blocks, H blocks).
-
-    order [Q]: input rows sorted by destination (stable); start [num_rows + 1]: segment bounds.
-    """
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    r_ok = r < num_rows
-    h_ok = h < H
-    lo = tl.load(start_ptr + r, mask=r_ok, other=0)
-    hi = tl.load(start_ptr + r + 1, mask=r_ok, other=0)
-    acc = tl.zeros([BLOCK_R, BLOCK_H], ACC)
-    # Rows of a block have different segment lengths: run to the longest, masking the shorter.
-    for j in range(0, tl.max(hi - lo)):
-        live = lo + j < hi
-        q = tl.load(order_ptr + lo + j, mask=live, other=0).to(tl.int64)
-        ok = live[:, None] & h_ok[None, :]
-        off = q[:, None] * H + h[None, :]
-        # Convert right after the load: fp32 (fp64) accumulation, and bf16-safe in the interpreter.
-        y = tl.load(y_ptr + off, mask=ok, other=0).to(ACC)
-        if HAS_MASK:
-            y = tl.where(tl.load(mask_ptr + off, mask=ok, other=0) != 0, y, 0.0)
-        if HAS_W:
-            y = y * tl.load(w_ptr + q, mask=live, other=0).to(ACC)[:, None]
-        acc += y
-    out_off = r.to(tl.int64)[:, None] * H + h[None, :]
-    tl.store(out_ptr + out_off, to_dtype(acc, out_ptr.dtype.element_ty), mask=r_ok[:, None] & h_ok[None, :])
 
 
 @triton.jit
@@ -75,41 +43,6 @@ def _combine_bwd_kernel(g_ptr, y_ptr, w_ptr, dst_ptr, gy_ptr, gw_ptr, Q, H,
             dot += tl.sum(y * g, axis=1)
     if NEED_GW:
         tl.store(gw_ptr + q, to_dtype(dot, gw_ptr.dtype.element_ty), mask=q_ok)
-
-
-def segment_sum(
-    y_QH: torch.Tensor,
-    dst_row_Q: torch.Tensor,
-    num_rows: int,
-    w_Q: torch.Tensor | None = None,
-    mask_PH: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Launcher: out [num_rows, H] in y's dtype, out[dst[q]] += (w[q] *) (mask[q] *) y[q].
-
-    y_QH float [Q, H]; dst_row_Q int [Q] in [0, num_rows); w_Q float [Q] or None; mask_PH bool [Q, H]
-    or None (pack_route's backward: only carried selections). fp32 accumulation (fp64 for fp64).
-    """
-    check_tensor(y_QH)
-    y_QH, dst_row_Q = y_QH.contiguous(), dst_row_Q.contiguous()
-    Q, H = y_QH.shape
-    out_RH = torch.empty(num_rows, H, dtype=y_QH.dtype, device=y_QH.device)
-    if num_rows == 0 or H == 0:
-        return out_RH
-    if Q == 0:
-        return out_RH.zero_()  # nothing arrived: no sort, no launch on empty index buffers
-    # Group inputs by destination: CSR of dst (stable, so each segment sums in ascending q).
-    order_Q = torch.argsort(dst_row_Q, stable=True)
-    start_R1 = torch.zeros(num_rows + 1, dtype=torch.int64, device=y_QH.device)
-    torch.cumsum(torch.bincount(dst_row_Q, minlength=num_rows)[:num_rows], 0, out=start_R1[1:])
-    w_arg = w_Q.contiguous() if w_Q is not None else y_QH
-    mask_arg = mask_PH.contiguous().view(torch.uint8) if mask_PH is not None else y_QH
-    block_r, block_h = row_blocks(num_rows, H, y_QH.device)
-    grid = (triton.cdiv(num_rows, block_r), triton.cdiv(H, block_h))
-    _segment_sum_kernel[grid](
-        y_QH, w_arg, mask_arg, order_Q, start_R1, out_RH, num_rows, H,
-        w_Q is not None, mask_PH is not None, acc_tl(y_QH.dtype), block_r, block_h,
-    )
-    return out_RH
 
 
 def combine_backward(

@@ -21,17 +21,6 @@ TRITON_OPS = SimpleNamespace(
 )
 
 
-def ops(require: bool) -> SimpleNamespace:
-    """Triton ops if they can launch here (CUDA, or kernels built under TRITON_INTERPRET=1).
-
-    require=True raises RuntimeError with the reason when they cannot; require=False then falls back
-    to the torch reference (``name="torch"``), which is what ``kernels="auto"`` wants.
-    """
-    reason = why_cannot_run()
-    if reason is None:
-        return TRITON_OPS
-    if require:
-        raise RuntimeError(f"kernels='triton' requested but Triton cannot run: {reason}")
-    from . import TORCH_OPS
-
-    return TORCH_OPS
+def ops() -> SimpleNamespace | None:
+    """Triton ops if they can launch here (CUDA, or kernels built under TRITON_INTERPRET=1), else None."""
+    return TRITON_OPS if why_cannot_run() is None else None

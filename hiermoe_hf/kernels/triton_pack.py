@@ -1,7 +1,7 @@
 """Triton pack: ``pack_rows`` (row gather) and ``pack_route`` (ids and weights that travel along).
 
 Forward is a gather, so it moves bytes unchanged in the input dtype (no fp32 round trip: fp64 stays
-exact). The backward of a gather is a scatter-add, done by ``triton_combine.segment_sum``
+exact). The backward of a gather is a scatter-add, done by ``triton_rows.segment_sum``
 (deterministic, fp32 accumulation); ``pack_rows`` and ``unpack_sum`` are each other's backward.
 """
 
@@ -11,19 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_rows import gather_rows, segment_sum
 from .triton_util import check_tensor, pow2, row_blocks
-
-
-@triton.jit
-def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, P, H, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out [P, H] = x [R, H] rows idx [P]; grid (P blocks, H blocks)."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    p_ok = p < P
-    src = tl.load(idx_ptr + p, mask=p_ok, other=0).to(tl.int64)  # int64: P*H can pass 2**31
-    ok = p_ok[:, None] & (h < H)[None, :]
-    row = tl.load(x_ptr + src[:, None] * H + h[None, :], mask=ok)
-    tl.store(out_ptr + p.to(tl.int64)[:, None] * H + h[None, :], row, mask=ok)
 
 
 @triton.jit
@@ -44,20 +33,6 @@ def _pack_route_kernel(ids_ptr, w_ptr, idx_ptr, mask_ptr, ids_out_ptr, w_out_ptr
     tl.store(w_out_ptr + out_off, w, mask=ok)
 
 
-def gather_rows(x_RH: torch.Tensor, idx_P: torch.Tensor) -> torch.Tensor:
-    """Launcher: ``x_RH[idx_P]`` -> [P, H] in x's dtype. x any float dtype, idx int [P]."""
-    check_tensor(x_RH)
-    x_RH, idx_P = x_RH.contiguous(), idx_P.contiguous()
-    P, H = idx_P.shape[0], x_RH.shape[1]
-    out_PH = torch.empty(P, H, dtype=x_RH.dtype, device=x_RH.device)
-    if P == 0 or H == 0:
-        return out_PH
-    block_p, block_h = row_blocks(P, H, x_RH.device)
-    grid = (triton.cdiv(P, block_p), triton.cdiv(H, block_h))
-    _gather_rows_kernel[grid](x_RH, idx_P, out_PH, P, H, block_p, block_h)
-    return out_PH
-
-
 class _PackRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RH, src_row_P):
@@ -67,7 +42,6 @@ class _PackRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_PH):
-        from .triton_combine import segment_sum  # lazy: triton_combine imports this module
 
         (src_row_P,) = ctx.saved_tensors
         return segment_sum(grad_PH, src_row_P, ctx.num_rows), None
@@ -103,7 +77,6 @@ class _PackRoute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_ids, grad_w_PK):
-        from .triton_combine import segment_sum
 
         src_row_P, mask_PK = ctx.saved_tensors
         return None, segment_sum(grad_w_PK, src_row_P, ctx.num_rows, mask_PH=mask_PK), None, None

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .patch import runtime_of
-from .training import expert_parameters
+from hiermoe_hf.runtime.registry import runtime_of
+from hiermoe_hf.training.gradients import expert_parameters
 
 _HOOKS_ATTR = "_hiermoe_grad_hooks"
 

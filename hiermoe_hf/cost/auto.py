@@ -15,8 +15,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from . import cost_model as cm
-from .topology import Topology
+from hiermoe_hf.cost import model as cm
+from hiermoe_hf.topology import Topology
 
 
 def _as_cost_model(cost_model, topology: Topology) -> cm.CostModel:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .swap_planner import RoutingWindow
+from hiermoe_hf.swap.objective import RoutingWindow
 
 DEFAULT_CAPACITY = 4096  # tokens per rank per layer; the window bounds memory and planning time
 _META = ("filled", "tokens", "forwards", "passes", "capacity", "topk")
@@ -87,11 +87,6 @@ class RoutingStats:
         self.ids_NK = None if ids is None else ids.to(device=device, dtype=torch.int32)
         for key in ("next", "filled", "tokens", "forwards", "passes"):
             setattr(self, key, int(state[key]))
-
-
-def record_routing(layer, topk_ids_TK: torch.Tensor, training: bool) -> None:
-    """Called by the patched experts forward: add this forward's routing to ``layer.routing``."""
-    layer.routing.record(topk_ids_TK, layer.placement.num_experts, training)
 
 
 def _meta_row(stats: RoutingStats) -> list[int]:

@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .cost_model import sent_rows
-from .topology import Topology
+from hiermoe_hf.cost.model import sent_rows
+from hiermoe_hf.topology import Topology
 
 
 def _check_groups(E: int, K: int, R: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .topology import Stage, Topology
+from hiermoe_hf.topology import Stage, Topology
 
 
 class StageGroups:

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .patch import moe_layers, runtime_of
+from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
 FORMAT = 1
 

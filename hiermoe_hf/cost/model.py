@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from .topology import Stage, Topology
+from hiermoe_hf.topology import Stage, Topology
 
 # What ``dispatch="auto"`` predicts per stage: the forward exchange of one layer, i.e. the
 # dispatcher's dispatch (counts, rows, route metadata: 3 collectives) and combine (rows back: 1),

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .patch import moe_layers, runtime_of
+from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
 
 def unwrap_optimizer(optimizer):

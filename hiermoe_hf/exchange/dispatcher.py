@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .comm import ExchangeRows, ReturnRows, StageGroups, exchange_counts
-from .kernels.reference import StageLayout
-from .topology import Stage, Topology
+from hiermoe_hf.exchange.comm import ExchangeRows, ReturnRows, StageGroups, exchange_counts
+from hiermoe_hf.kernels.reference import StageLayout
+from hiermoe_hf.topology import Stage, Topology
 
 
 @dataclass(frozen=True)

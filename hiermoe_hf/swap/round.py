@@ -12,20 +12,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .patch import is_patched, moe_layers, runtime_of
-from .swap_executor import execute_swaps, expert_bytes, unwrap_optimizer
-from .swap_planner import DEFAULT_FLOPS, PlannerCosts, move_cost_s, strategy_for
-from .swap_policies import plan
-from .swap_stats import gather_windows
-
-
-def _patched_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The patched module itself, also when it arrives wrapped (DDP, Accelerate: ``.module``)."""
-    inner = model
-    while not is_patched(inner) and isinstance(getattr(inner, "module", None), torch.nn.Module):
-        inner = inner.module
-    runtime_of(inner)  # ValueError when it is not patched
-    return inner
+from hiermoe_hf.runtime.registry import moe_layers, runtime_of, unwrap
+from hiermoe_hf.swap.executor import execute_swaps, expert_bytes, unwrap_optimizer
+from hiermoe_hf.swap.objective import DEFAULT_FLOPS, PlannerCosts, move_cost_s, strategy_for
+from hiermoe_hf.swap.policies import plan
+from hiermoe_hf.swap.window import gather_windows
 
 
 def _broadcast_plan(rows: list[list[float]], capacity: int, device: torch.device) -> list[list[float]]:
@@ -54,7 +45,7 @@ def swap_experts(model: torch.nn.Module, optimizer=None) -> list[dict]:
     ``swap_interval=0`` switches recording on and swaps nothing (there is no routing to plan from).
     The model's function never changes: only where experts live.
     """
-    model = _patched_model(model)
+    model = unwrap(model)
     opt = unwrap_optimizer(optimizer)
     rt = runtime_of(model)
     layers = moe_layers(model)
@@ -76,7 +67,7 @@ def swap_experts(model: torch.nn.Module, optimizer=None) -> list[dict]:
     rows, strategies = [], {}
     for i, name in enumerate(names):
         experts, layer = layers[name]
-        strategies[name] = strategy_for(topo, rt.config.dispatch, layer.last.get("strategy"))
+        strategies[name] = strategy_for(topo, rt.config.dispatch, layer.last.strategy if layer.last else None)
         if windows[i] is None:
             continue
         window = windows[i]

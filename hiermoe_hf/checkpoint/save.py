@@ -30,10 +30,10 @@ from transformers.core_model_loading import dot_natural_key
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from . import safetensors_layout
-from .atomic_folder import partial_folder, publish
-from .checkpoint import expert_key, fused_key, row_parts
-from .patch import moe_layers, runtime_of
+from hiermoe_hf.checkpoint import safetensors_layout
+from hiermoe_hf.checkpoint.atomic_folder import partial_folder, publish
+from hiermoe_hf.checkpoint.keys import expert_key, fused_key, row_parts
+from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
 GATHER_BYTES = 64 * 2**20  # bytes moved to rank 0 per round; bounds rank 0's extra memory during a save
 

@@ -19,25 +19,24 @@ import functools
 import os
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.core_model_loading import WeightConverter
 from transformers.models.auto.auto_factory import _get_model_class
 
-from . import patches
-from .checkpoint import EXPERT_PROJECTIONS, expert_key, fused_key, per_expert_key_pattern, row_parts
-from .config import HierMoEConfig
-from .hub_resolve import resolve_on_all_ranks
-from .patch import patch
-from .topology import Topology
+from hiermoe_hf import patches
+from hiermoe_hf.checkpoint.hub import resolve_on_all_ranks
+from hiermoe_hf.checkpoint.keys import EXPERT_PROJECTIONS, expert_key, fused_key, per_expert_key_pattern, row_parts
+from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.runtime.patch import patch_experts
+from hiermoe_hf.runtime.registry import world as _world
+from hiermoe_hf.topology import Topology
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 _UNSUPPORTED_KWARGS = (
     "state_dict", "distributed_config", "tp_plan", "tp_size", "device_mesh", "quantization_config",
     "gguf_file", "offload_folder", "max_memory", "use_safetensors", "output_loading_info",
 )
-_LOADED_MARK = "_hiermoe_local_experts_loaded"  # read (and removed) by patch(): do not shard again
 
 
 def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None = None, **hf_kwargs) -> torch.nn.Module:
@@ -89,13 +88,7 @@ def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None =
     model = _local_experts_class(base).from_pretrained(folder, config=config, **model_kwargs)
     model.__class__ = base  # the subclass only existed to swap the loading step
     model.config.name_or_path = os.fspath(name_or_path)  # as given (a repo id, not its cache folder)
-    return patch(model, cfg)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    return patch_experts(model, cfg, experts_are_local=True)  # the loader read only this rank's experts
 
 
 def _check_device_map(device_map) -> None:
@@ -158,8 +151,6 @@ def _load_with_local_experts(base, model, state_dict, checkpoint_files, load_con
                 setattr(experts, param, torch.nn.Parameter(
                     torch.empty(shape, dtype=full.dtype, device="meta"), requires_grad=full.requires_grad
                 ))
-            if world > 1:
-                setattr(experts, _LOADED_MARK, True)
         for keys in by_block.values():  # ".experts." keys outside any routed-MoE block load as usual
             weights.update({key: reader.slice(key) for key in keys})
         return base._load_pretrained_model(model, weights, files, load_config, expected_keys)

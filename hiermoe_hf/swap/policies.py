@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .swap_planner import (
+from hiermoe_hf.swap.objective import (
     Objective,
     PlannerCosts,
     RoutingWindow,
@@ -19,7 +19,7 @@ from .swap_planner import (
     selections_per_expert,
     window_incidence,
 )
-from .topology import Topology
+from hiermoe_hf.topology import Topology
 
 
 def plan_hierd(

@@ -15,8 +15,8 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from .patch import moe_layers, runtime_of
-from .topology import Topology
+from hiermoe_hf.runtime.registry import LAYER_ATTR, moe_layers, runtime_of
+from hiermoe_hf.topology import Topology
 
 # Numeric counters, in the order they travel in the cross-rank sum.
 FIELDS = (
@@ -71,9 +71,9 @@ class TrafficMeter:
         self.strategies: Counter[str] = Counter()
 
     def _after_forward(self, module, args, output) -> None:
-        layer = module._hiermoe_layer
+        layer = getattr(module, LAYER_ATTR)
         last = layer.last
-        strategy = last.get("strategy", "local")
+        strategy = last.strategy
         hidden_TH, topk_ids_TK = args[0], args[1]
         rt = self.runtime
         self.strategies[strategy] += 1
@@ -92,7 +92,7 @@ class TrafficMeter:
         self.counts["a2a_inter_node_rows"] += a2a
         self.counts["inter_node_bytes"] += actual * row_bytes
         self.counts["a2a_inter_node_bytes"] += a2a * row_bytes
-        self.counts["rows_sent"] += sum(s["rows_sent"] for s in last.get("stages", []))
+        self.counts["rows_sent"] += sum(s["rows_sent"] for s in last.stages)
         self.counts["a2a_rows_sent"] += int((valid & (dest_TK != rt.rank)).sum())
 
     def pop(self, reduce: bool = False) -> dict:

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cost_model as cm
-from .topology import Stage, Topology
+from hiermoe_hf.cost import model as cm
+from hiermoe_hf.topology import Stage, Topology
 
 DEFAULT_GAMMA = 10.0
 # Expert MLP throughput used to price one (token, expert) row when nothing better is known: a

@@ -14,8 +14,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from .patch import runtime_of
-from .training import expert_parameters
+from hiermoe_hf.runtime.registry import runtime_of
+from hiermoe_hf.training.gradients import expert_parameters
 
 
 def clip_grad_norm_(
@@ -36,12 +36,12 @@ def clip_grad_norm_(
         parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
-    world = runtime_of(_unwrap(model)).world_size
-    expert_ids = {id(p) for p in expert_parameters(_unwrap(model))}
+    world = runtime_of(model).world_size
+    expert_ids = {id(p) for p in expert_parameters(model)}
     dense = [p.grad for p in params if id(p) not in expert_ids]
     experts = [p.grad for p in params if id(p) in expert_ids]
     # Every rank must join the reduction, also one without grads; NCCL needs the tensor on the GPU.
-    device = params[0].grad.device if params else next(_unwrap(model).parameters()).device
+    device = params[0].grad.device if params else next(model.parameters()).device
     dense_norm = _norm(dense, norm_type, device)
     expert_norm = _norm(experts, norm_type, device)
     if norm_type == float("inf"):
@@ -69,10 +69,3 @@ def _norm(grads: list[torch.Tensor], norm_type: float, device: torch.device) -> 
         return torch.zeros((), dtype=torch.float32, device=device)
     norm = torch.nn.utils.get_total_norm(grads, norm_type)
     return norm.to(device=device, dtype=torch.promote_types(norm.dtype, torch.float32))
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """DDP (and similar wrappers) keep the real model in ``.module``."""
-    while not hasattr(model, "_hiermoe_runtime") and isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model

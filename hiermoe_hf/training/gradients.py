@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .patch import moe_layers, runtime_of
+from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
 
 def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

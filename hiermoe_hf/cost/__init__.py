@@ -1,0 +1,1 @@
+"""The alpha-beta cost model: constants, row counts, ``dispatch="auto"``, calibration, the planner."""

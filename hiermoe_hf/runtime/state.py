@@ -1,0 +1,109 @@
+"""What a patched model carries: one ``Runtime`` per model, one ``LayerState`` per MoE block, and
+the frozen ``ForwardRecord`` each forward leaves for ``stats``, the traffic meter and the swap."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.exchange.comm import StageGroups
+from hiermoe_hf.placement import Placement
+from hiermoe_hf.swap.window import RoutingStats
+from hiermoe_hf.topology import Topology
+
+
+@dataclass
+class Runtime:
+    """Shared by all layers of one patched model."""
+
+    config: HierMoEConfig
+    topology: Topology
+    rank: int
+    groups: StageGroups | None  # None at world size 1
+    model_type: str
+    cost_model: object = None  # cost.model.CostModel, loaded once at patch time
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+
+class Elapsed:
+    """Milliseconds summed over (start, end) marks, resolved only when ``stats`` asks (no host sync
+    in the forward). A mark is a CUDA event or the CPU clock (``mark``)."""
+
+    def __init__(self, *spans):
+        self.spans = spans
+
+    @staticmethod
+    def mark(like: torch.Tensor):
+        if like.is_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self) -> float:
+        total = 0.0
+        for start, end in self.spans:
+            if isinstance(start, float):
+                total += 1e3 * (end - start)
+            else:
+                end.synchronize()
+                total += start.elapsed_time(end)
+        return total
+
+
+@dataclass(frozen=True)
+class ForwardRecord:
+    """What one MoE forward on this rank did. Tensors stay on the device until ``stats`` reads them.
+
+    stages: per stage ``{name, group_size, rows_sent, rows_received, bytes_sent, meta_bytes_sent,
+    max_peer_rows}`` (rows to/from other ranks); load_per_rank: int64 [W] this rank's selections per
+    destination rank; expert_rows: int64 [] rows through the local experts. The exchange fields are
+    None at world size 1 (Transformers' own forward ran), where ``stats`` leaves them out.
+    """
+
+    strategy: str
+    tokens: int
+    kernels: str
+    stages: tuple[dict, ...]
+    load_per_rank: torch.Tensor | list
+    predicted_ms: float | None = None
+    predicted_ms_by_strategy: dict | None = None
+    measured_ms: Elapsed | None = None
+    cost_model: str | None = None
+    cost_model_defaults: bool | None = None
+    expert_rows: torch.Tensor | None = None
+
+    @property
+    def exchanged(self) -> bool:
+        return self.measured_ms is not None
+
+
+@dataclass
+class LayerState:
+    """One MoE block: where its experts live, what its last forward did, what the swap needs."""
+
+    name: str
+    runtime: Runtime
+    placement: Placement
+    param_names: tuple[str, ...]
+    last: ForwardRecord | None = None
+    swaps: list = field(default_factory=list)
+    routing: RoutingStats = field(default_factory=RoutingStats)  # recent logical top-k ids, for swaps
+    record_routing: bool = False  # set by swap_experts: record even with swap_interval=0
+
+    @property
+    def local_experts(self) -> int:
+        return self.placement.local_experts
+
+    @property
+    def records_routing(self) -> bool:
+        return self.record_routing or self.runtime.config.swap_interval > 0
+
+    def local_logical(self) -> torch.Tensor:
+        return self.placement.local_logical(self.runtime.rank)

@@ -1,0 +1,52 @@
+"""``hiermoe_hf.stats``: the last forward of every MoE block on this rank, read back to the host."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from hiermoe_hf.runtime.registry import moe_layers
+from hiermoe_hf.runtime.state import Elapsed, ForwardRecord
+
+
+def _host(value):
+    """A stats value as plain Python: tensors to numbers/lists, timings to milliseconds."""
+    if isinstance(value, Elapsed):
+        return value.ms()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [dict(v) if isinstance(v, dict) else v for v in value]
+    return value
+
+
+def record_dict(record: ForwardRecord | None) -> dict:
+    """The stats entry of one forward (the exchange fields only when an exchange ran)."""
+    if record is None:
+        return {}
+    keep = {"strategy", "tokens", "kernels", "stages", "load_per_rank"}
+    return {
+        f.name: _host(getattr(record, f.name))
+        for f in dataclasses.fields(record)
+        if record.exchanged or f.name in keep
+    }
+
+
+def stats(model: torch.nn.Module) -> dict[str, dict]:
+    """Per MoE block (keyed by module name): the last forward on this rank and the swaps done.
+
+    Each value: ``strategy``, ``tokens``, ``kernels``, ``stages`` (list of dicts: ``name``,
+    ``group_size``, ``rows_sent``, ``rows_received``, ``bytes_sent``, ``meta_bytes_sent``,
+    ``max_peer_rows`` — rows to/from *other* ranks), ``load_per_rank`` (this rank's selections per
+    destination rank), ``swaps``, and with an exchange the cost model's view: ``predicted_ms``
+    (chosen strategy; ``dispatch="auto"`` only, else None), ``predicted_ms_by_strategy``,
+    ``measured_ms`` (forward dispatch + combine wall time), ``cost_model`` (where its constants came
+    from), ``cost_model_defaults`` and ``expert_rows``.
+    """
+    out = {}
+    for name, (_, layer) in moe_layers(model).items():
+        entry = record_dict(layer.last)
+        entry["swaps"] = list(layer.swaps)
+        out[name] = entry
+    return out

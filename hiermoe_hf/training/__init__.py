@@ -1,0 +1,1 @@
+"""Training integration: gradient semantics, DDP, clipping, traffic metrics, Accelerate and Trainer."""

@@ -1,0 +1,290 @@
+"""``HierMoEPlugin``: HierMoE expert parallelism in an ordinary Accelerate training loop (DESIGN.md section 10).
+
+Accelerate has no generic plugin slot (``kwargs_handlers`` accepts only its own classes), so the
+plugin wraps ``accelerator.prepare``. The lines a user changes in an Accelerate loop::
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    plugin = HierMoEPlugin(dispatch="auto", swap_interval=50)      # or HIERMOE_* environment variables
+    model, optimizer, dataloader, scheduler = plugin.prepare(       # instead of accelerator.prepare(...)
+        accelerator, model, optimizer, dataloader, scheduler)
+    ...  # the loop is unchanged: accelerator.backward, accelerator.clip_grad_norm_, optimizer.step(),
+    ...  # accelerator.save_state / load_state all do the right thing
+    accelerator.unwrap_model(model).save_pretrained(out_dir)        # on every rank: it is collective
+
+What ``prepare`` does, in order: patches the model (sharding the experts over the launch's ranks,
+topology = nodes x processes per node unless given), re-points the optimizer at the expert slices,
+keeps the expert slices out of DDP and scales their gradients by 1/W (section 6), calls
+``accelerator.prepare``, then hooks the optimizer (expert swap every ``swap_interval`` steps, metrics
+to ``accelerator.log``), ``save_state``/``load_state`` (per-rank expert files) and
+``accelerator.clip_grad_norm_`` (the global norm, expert part reduced over ranks).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
+
+from hiermoe_hf.checkpoint.rank_state import RankStateStore
+from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.runtime.patch import patch
+from hiermoe_hf.runtime.registry import is_patched, runtime_of
+from hiermoe_hf.topology import Topology, levels_from_launcher, parse_levels
+from hiermoe_hf.training import grad_clip
+from hiermoe_hf.training.ddp import divide_expert_grads_by_world, expert_parameter_names, keep_experts_out_of_ddp
+from hiermoe_hf.training.traffic import TrafficMeter, summarize
+
+ENV_PREFIX = "HIERMOE_"
+_INT_FIELDS = ("swap_interval", "swap_pairs")
+# DDP-style launches: one full replica of the dense model per process, gradients averaged by DDP.
+_SUPPORTED = tuple(
+    getattr(DistributedType, n)
+    for n in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+              "MULTI_HPU")
+    if hasattr(DistributedType, n)
+)
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class HierMoEPlugin:
+    """HierMoE settings for an Accelerate run; every field left as None is read from ``HIERMOE_<FIELD>``.
+
+    Precedence: an argument given here > the environment variable (``HIERMOE_TOPOLOGY=2x2``,
+    ``HIERMOE_DISPATCH=hd2``, ``HIERMOE_SWAP_INTERVAL=50``, ...) > the ``HierMoEConfig`` default.
+    """
+
+    topology: str | Sequence[int] | None = field(
+        default=None, metadata=_help("level sizes outermost first, e.g. '2x4'; None: nodes x processes per node")
+    )
+    dispatch: str | None = field(default=None, metadata=_help("'auto', 'a2a', '2dh' or 'hd1'..'hdD'"))
+    kernels: str | None = field(default=None, metadata=_help("'auto', 'triton' or 'torch'"))
+    swap_interval: int | None = field(default=None, metadata=_help("optimizer steps between expert swaps; 0 = never"))
+    swap_policy: str | None = field(default=None, metadata=_help("'hierd' (dedup-aware) or 'load'"))
+    cost_model: str | None = field(default=None, metadata=_help("path of a calibration JSON; unset = defaults"))
+    swap_pairs: int | None = field(default=None, metadata=_help("expert pairs exchanged per swap round"))
+
+    def __post_init__(self) -> None:
+        defaults = HierMoEConfig()
+        for f in fields(HierMoEConfig):
+            if getattr(self, f.name) is not None:
+                continue
+            env = f"{ENV_PREFIX}{f.name.upper()}"
+            raw = os.environ.get(env)
+            if raw is None or raw.strip() == "":
+                if f.name != "topology":  # topology None stays None: taken from the launcher in prepare()
+                    setattr(self, f.name, getattr(defaults, f.name))
+                continue
+            setattr(self, f.name, _parse_env(env, f.name, raw.strip()))
+            try:
+                HierMoEConfig(**{f.name: getattr(self, f.name)})
+            except ValueError as err:
+                raise ValueError(f"{env}={raw!r}: {err}") from None
+        self.config()  # validates the explicit arguments too (ValueError naming the bad value)
+        self.step = 0  # optimizer steps taken under this plugin (restored by load_state)
+        self.swaps_done = 0
+        self.metrics: dict[str, float] = {}
+        self.accelerator = None
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._store: RankStateStore | None = None
+        self._meter: TrafficMeter | None = None
+
+    # ---- configuration ---------------------------------------------------------------------------------------
+
+    def config(self, topology: Topology | None = None) -> HierMoEConfig:
+        """The ``HierMoEConfig`` these fields describe (with ``topology`` resolved, when given)."""
+        return HierMoEConfig(
+            topology=list(topology.levels) if topology is not None else self.topology,
+            dispatch=self.dispatch,
+            kernels=self.kernels,
+            swap_interval=self.swap_interval,
+            swap_policy=self.swap_policy,
+            cost_model=self.cost_model,
+            swap_pairs=self.swap_pairs,
+        )
+
+    def resolve_topology(self, world_size: int) -> Topology:
+        """The topology for a launch of ``world_size`` processes (LOCAL_WORLD_SIZE per node).
+
+        A given topology must cover exactly the launched processes, and its nodes must nest with the
+        launcher's (a topology node may hold several real nodes or split one, e.g. 2x2 emulated on
+        one machine of 4 processes, but may not straddle a real node boundary).
+        """
+        nodes, per_node = levels_from_launcher(world_size)
+        launch = f"{nodes} node(s) x {per_node} process(es) per node"
+        if self.topology is None:
+            return Topology((nodes, per_node))
+        levels = parse_levels(self.topology)
+        shape = "x".join(map(str, levels))
+        if math.prod(levels) != world_size:
+            raise ValueError(
+                f"HierMoEPlugin topology {shape} has {math.prod(levels)} ranks but this launch started "
+                f"{world_size} processes ({launch}); give a topology whose level sizes multiply to {world_size} "
+                f"(e.g. '{nodes}x{per_node}'), or leave it unset to take {nodes}x{per_node} from the launcher"
+            )
+        if len(levels) >= 2:
+            node_size = math.prod(levels[1:])
+            if node_size % per_node and per_node % node_size:
+                raise ValueError(
+                    f"HierMoEPlugin topology {shape} groups ranks into nodes of {node_size}, which straddle this "
+                    f"launch's nodes of {per_node} processes ({launch}); use a topology whose node size divides or "
+                    f"is a multiple of {per_node}, e.g. '{nodes}x{per_node}'"
+                )
+        return Topology(levels)
+
+    # ---- prepare -----------------------------------------------------------------------------------------------
+
+    def prepare(self, accelerator, *objects, **prepare_kwargs):
+        """``accelerator.prepare(*objects)`` for a HierMoE model: patch, exclude experts from DDP, hook.
+
+        Exactly one of ``objects`` must be the model (a Qwen3-MoE or DeepSeek-V3 ``PreTrainedModel``,
+        patched or not). Create the optimizer before or after patching: an optimizer passed here that
+        still holds the full expert tensors is re-pointed at the local slices (it must not have stepped).
+        Returns what ``accelerator.prepare`` returns.
+        """
+        modules = [o for o in objects if isinstance(o, torch.nn.Module)]
+        if len(modules) != 1:
+            raise ValueError(f"HierMoEPlugin.prepare needs exactly one model among its objects, got {len(modules)}")
+        model = modules[0]
+        optimizers = [o for o in objects if isinstance(o, torch.optim.Optimizer)]
+        if len(optimizers) > 1:
+            raise ValueError(f"HierMoEPlugin.prepare supports one optimizer, got {len(optimizers)}")
+        world = self._check_launch(accelerator)
+        topology = self.resolve_topology(world)
+        if self.swap_interval:
+            from hiermoe_hf.swap.round import swap_experts  # noqa: F401  (fail now, not at the first swap)
+        if is_patched(model):
+            patched_topology = runtime_of(model).topology
+            if patched_topology != topology:
+                raise ValueError(
+                    f"the model is already patched with topology {patched_topology}, but HierMoEPlugin resolved "
+                    f"{topology} for this launch; patch it with the same topology or leave the patching to prepare()"
+                )
+        else:
+            before = dict(model.named_parameters())
+            patch(model, self.config(topology))
+            after = dict(model.named_parameters())
+            replaced = {id(before[n]): p for n, p in after.items() if n in before and before[n] is not p}
+            for opt in optimizers:
+                _repoint(opt, replaced)
+        if world > 1:
+            keep_experts_out_of_ddp(model)
+            divide_expert_grads_by_world(model)
+        prepared = accelerator.prepare(*objects, **prepare_kwargs)
+        as_tuple = prepared if isinstance(prepared, tuple) else (prepared,)
+        accelerated = [o for o in as_tuple if isinstance(o, AcceleratedOptimizer)]
+        self._attach(accelerator, model, accelerated[0] if accelerated else None)
+        return prepared
+
+    def _check_launch(self, accelerator) -> int:
+        dtype = accelerator.distributed_type
+        if dtype not in _SUPPORTED:
+            raise ValueError(
+                f"HierMoEPlugin supports DDP-style launches ({', '.join(str(t) for t in _SUPPORTED)}), not {dtype}: "
+                "experts are already sharded by expert parallelism; drop FSDP/DeepSpeed/Megatron from the config"
+            )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        world = accelerator.num_processes
+        if launched != world:
+            raise ValueError(
+                f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this Accelerator sees "
+                f"{world} ({dtype}); on a machine without GPUs create it with Accelerator(cpu=True)"
+            )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() != world:
+            raise ValueError(
+                f"the default process group has {dist.get_world_size()} ranks but the Accelerator has {world}"
+            )
+        return world
+
+    def _attach(self, accelerator, model: torch.nn.Module, optimizer: AcceleratedOptimizer | None) -> None:
+        if self.accelerator is not None:
+            raise ValueError("this HierMoEPlugin already prepared a model; create one plugin per model")
+        self.accelerator, self.model = accelerator, model
+        self.optimizer = optimizer.optimizer if optimizer is not None else None
+        self._meter = TrafficMeter(model)
+        self._store = RankStateStore(model, self.optimizer)
+        if self.optimizer is not None:
+            # Fires only when the wrapped optimizer really steps: not on accumulation micro-steps, not when
+            # a GradScaler skips a step with inf/nan grads.
+            self.optimizer.register_step_post_hook(self._after_optimizer_step)
+        accelerator.register_save_state_pre_hook(self._save_state_hook)
+        accelerator.register_load_state_pre_hook(self._load_state_hook)
+        accelerator.clip_grad_norm_ = self.clip_grad_norm_  # this instance only; the loop's call stays the same
+
+    # ---- per step ----------------------------------------------------------------------------------------------
+
+    def clip_grad_norm_(self, parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``accelerator.clip_grad_norm_`` with the global norm (expert part summed over ranks). Collective."""
+        self.accelerator.unscale_gradients()
+        return grad_clip.clip_grad_norm_(parameters, max_norm, norm_type, model=self.model)
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        if self.swap_interval and self.step % self.swap_interval == 0:
+            from hiermoe_hf.swap.round import swap_experts
+
+            records = swap_experts(self.model, optimizer=self.optimizer)
+            self.swaps_done += len(records)
+            divide_expert_grads_by_world(self.model)  # in case a swap rebuilt a parameter object
+        counts = self._meter.pop(reduce=True)  # collective: every rank steps together
+        self.metrics = _flat_metrics(counts, self.step, self.swaps_done)
+        self.accelerator.log(self.metrics, step=self.step)
+
+    # ---- save_state / load_state -------------------------------------------------------------------------------
+
+    def _save_state_hook(self, models, weights, output_dir) -> None:
+        for wrapped, state in zip(models, weights):
+            if self.accelerator.unwrap_model(wrapped) is self.model:
+                # Rank 0's expert slices mean nothing to other ranks: the per-rank files carry all of them.
+                for name in expert_parameter_names(wrapped):
+                    state.pop(name, None)
+        self._store.save(output_dir, {"step": self.step, "swaps_done": self.swaps_done})
+
+    def _load_state_hook(self, models, input_dir) -> None:
+        extra = self._store.begin_load(input_dir)
+        self.step = int(extra.get("step", 0))
+        self.swaps_done = int(extra.get("swaps_done", 0))
+
+
+def _parse_env(env: str, name: str, raw: str) -> Any:
+    if name in _INT_FIELDS:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{env}={raw!r} is not an integer; {name} takes a whole number >= 0") from None
+    if name == "cost_model" and raw.lower() == "none":
+        return None
+    return raw
+
+
+def _repoint(optimizer: torch.optim.Optimizer, replaced: dict[int, torch.nn.Parameter]) -> None:
+    """Swap the full expert tensors an optimizer was built with for the rank-local slices."""
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if id(p) in replaced:
+                if optimizer.state.get(p):
+                    raise ValueError(
+                        "the optimizer has already stepped on the full expert tensors; create it before any step "
+                        "(or after patching) and pass it to HierMoEPlugin.prepare"
+                    )
+                group["params"][i] = replaced[id(p)]
+
+
+def _flat_metrics(counts: dict, step: int, swaps_done: int) -> dict[str, float]:
+    """Scalars for trackers: counters summed over ranks for this optimizer step, plus run totals."""
+    out = {f"hiermoe/{k}": v for k, v in counts.items() if k != "strategies"}
+    out.update({f"hiermoe/{k}": v for k, v in summarize(counts).items()})
+    out.update({f"hiermoe/strategy/{name}": n for name, n in sorted(counts["strategies"].items())})
+    out["hiermoe/swaps_done"] = swaps_done
+    out["hiermoe/step"] = step
+    return out

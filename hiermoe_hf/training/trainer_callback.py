@@ -1,0 +1,157 @@
+"""``HierMoECallback``: HierMoE expert parallelism under ``transformers.Trainer`` (DESIGN.md section 10).
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[HierMoECallback(dispatch="auto", swap_interval=50)])
+    trainer.train()
+    trainer.model.save_pretrained(out_dir)   # on every rank: a patched model saves collectively
+
+A callback sees the model and optimizer but not the Trainer, so each duty hangs on an event:
+- ``on_init_end`` (end of ``Trainer.__init__``, before the optimizer and DDP exist): patch the model,
+  keep the expert slices out of DDP, scale their grads by 1/W, and take over gradient clipping:
+  ``args.max_grad_norm`` is moved into the callback (the Trainer's own clip would use a rank-local
+  norm) and applied in ``on_pre_optimizer_step`` with the global norm.
+- ``on_optimizer_step``: the expert swap every ``swap_interval`` steps, and the traffic counters.
+- checkpoints: the Trainer writes the model from rank 0 alone, which would deadlock a collective
+  save. That rank-0 call is deferred and ``on_save`` (reached by every rank) does the real save.
+- ``on_log``: HierMoE metrics join the Trainer's logs.
+Resuming a Trainer run from a checkpoint (``resume_from_checkpoint``) is not supported yet.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.runtime.patch import patch
+from hiermoe_hf.runtime.registry import is_patched, runtime_of
+from hiermoe_hf.training import grad_clip
+from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin, _flat_metrics
+from hiermoe_hf.training.ddp import divide_expert_grads_by_world, keep_experts_out_of_ddp
+from hiermoe_hf.training.traffic import TrafficMeter
+
+_TRAINER_MODULE = "transformers.trainer"  # Trainer._save lives here; its model save runs on rank 0 only
+
+
+class HierMoECallback(TrainerCallback):
+    """Patches the Trainer's model and keeps training semantics equal to single-process training.
+
+    Args:
+        config: a ``HierMoEConfig``; or leave it None and give ``HierMoEPlugin`` fields as keywords
+            (``dispatch=``, ``swap_interval=``, ...), which also read ``HIERMOE_*`` environment variables.
+    """
+
+    def __init__(self, config: HierMoEConfig | None = None, **plugin_fields):
+        if config is not None:
+            if plugin_fields:
+                raise ValueError(f"give either config or plugin fields, not both (got {sorted(plugin_fields)})")
+            if not isinstance(config, HierMoEConfig):
+                raise TypeError(f"config must be a hiermoe_hf.HierMoEConfig, got {type(config).__name__}")
+            plugin_fields = {k: getattr(config, k) for k in config.__dataclass_fields__}
+        self.settings = HierMoEPlugin(**plugin_fields)
+        self.max_grad_norm = 0.0
+        self.last_grad_norm: float | None = None
+        self.step = 0
+        self.swaps_done = 0
+        self.metrics: dict[str, float] = {}
+        self.model: torch.nn.Module | None = None
+        self._meter: TrafficMeter | None = None
+        self._in_train = False
+        self._deferred_dir: str | None = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("HierMoECallback needs Trainer(model=...); model_init is not supported")
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world != args.world_size:
+            raise ValueError(
+                f"TrainingArguments see {args.world_size} processes but the default process group has {world}"
+            )
+        topology = self.settings.resolve_topology(world)
+        if not is_patched(model):
+            patch(model, self.settings.config(topology))
+        elif runtime_of(model).topology != topology:
+            raise ValueError(
+                f"the model is patched with topology {runtime_of(model).topology}, not {topology} as resolved for "
+                "this launch"
+            )
+        if world > 1:
+            keep_experts_out_of_ddp(model)
+            divide_expert_grads_by_world(model)
+        if self.settings.swap_interval:
+            from hiermoe_hf.swap.round import swap_experts  # noqa: F401  (fail now, not at the first swap)
+        self.model = model
+        self._meter = TrafficMeter(model)
+        self.max_grad_norm = args.max_grad_norm or 0.0
+        args.max_grad_norm = 0.0  # the Trainer's clip would use a rank-local norm; on_pre_optimizer_step clips
+        self._wrap_save_pretrained(model)
+        return control
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._in_train = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._in_train = False
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.max_grad_norm > 0:
+            scaler = getattr(optimizer, "scaler", None)
+            if scaler is not None:  # fp16: clip the true gradients, as accelerator.clip_grad_norm_ would
+                scaler.unscale_(optimizer.optimizer)
+            norm = grad_clip.clip_grad_norm_(self.model.parameters(), self.max_grad_norm, model=self.model)
+            self.last_grad_norm = float(norm)
+        return control
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.step += 1
+        if self.settings.swap_interval and self.step % self.settings.swap_interval == 0:
+            from hiermoe_hf.swap.round import swap_experts
+
+            inner = getattr(optimizer, "optimizer", optimizer)
+            self.swaps_done += len(swap_experts(self.model, optimizer=inner))
+            divide_expert_grads_by_world(self.model)
+        self.metrics = _flat_metrics(self._meter.pop(reduce=True), self.step, self.swaps_done)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.metrics and "loss" in logs:  # training logs, not the end-of-run summary
+            logs.update(self.metrics)
+            if self.last_grad_norm is not None and "grad_norm" not in logs:
+                logs["grad_norm"] = self.last_grad_norm
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        # Every rank gets here after the Trainer's rank-0 save: do the collective model save now.
+        target = [self._deferred_dir]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(target, src=0)
+        self._deferred_dir = None
+        if target[0] is not None:
+            self._original_save(target[0])
+        return control
+
+    def _wrap_save_pretrained(self, model: torch.nn.Module) -> None:
+        original = model.save_pretrained
+        self._original_save = original
+        callback = self
+
+        def save_pretrained(save_directory, *args, **kwargs):
+            caller = sys._getframe(1)
+            from_trainer = caller.f_code.co_name == "_save" and caller.f_globals.get("__name__") == _TRAINER_MODULE
+            if from_trainer and runtime_of(model).world_size > 1:
+                # Trainer._save runs on rank 0 only; a collective save there would wait forever for the others.
+                if not callback._in_train:
+                    raise RuntimeError(
+                        "trainer.save_model() saves from rank 0 only, but a HierMoE-patched model saves collectively: "
+                        "call trainer.model.save_pretrained(path) on every rank instead"
+                    )
+                callback._deferred_dir = str(save_directory)
+                return None
+            return original(save_directory, *args, **kwargs)
+
+        model.save_pretrained = save_pretrained
