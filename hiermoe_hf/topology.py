@@ -131,6 +131,17 @@ class Topology:
         stages.append(Stage(self.stage_name(depth - 1, D), depth - 1, D, True))
         return tuple(stages)
 
+    def distinct_stages(self) -> list[Stage]:
+        """One Stage per distinct digit range over all strategies, in first-use order (process groups,
+        calibration and cost-model constants are per digit range)."""
+        seen, out = set(), []
+        for strategy in self.strategies():
+            for st in self.stages(strategy):
+                if (st.lo, st.hi) not in seen:
+                    seen.add((st.lo, st.hi))
+                    out.append(st)
+        return out
+
     def stage_name(self, lo: int, hi: int) -> str:
         if lo == 0 and hi == self.depth:
             return "flat"

@@ -43,8 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiermoe_hf.cost import calibration as cal  # noqa: E402
 from hiermoe_hf.cost import model as cm  # noqa: E402
+from hiermoe_hf.cost import pricing as pr  # noqa: E402
 from hiermoe_hf.cost import routing_models as rm  # noqa: E402
 from hiermoe_hf.cost.auto import pick_strategy  # noqa: E402
+from hiermoe_hf.exchange import stage_rows as sr  # noqa: E402
 from hiermoe_hf.exchange.comm import StageGroups  # noqa: E402
 from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch  # noqa: E402
 from hiermoe_hf.kernels import select_ops  # noqa: E402
@@ -80,11 +82,10 @@ def routing_for(workload: str, rank: int, tokens: int, seed: int) -> torch.Tenso
     g_pop = torch.Generator().manual_seed(seed)  # popularity shared by all ranks
     pop = rm.zipf_popularity(E, ZIPF_S, g_pop) if kind == "zipf" else None
     g = torch.Generator().manual_seed(seed * 1000 + rank + 1)
-    if groups is not None:
-        return rm.sample_group_limited(tokens, E, K, groups[0], groups[1], g, pop)
-    if pop is None:
+    if pop is None and groups is None:
         return rm.sample_uniform(tokens, E, K, g)
-    return cm._scores(tokens, E, pop, g).topk(K, dim=1).indices
+    n_group, topk_group = groups or (1, 1)  # one group: plain top-K of the popularity-skewed scores
+    return rm.sample_group_limited(tokens, E, K, n_group, topk_group, g, pop)
 
 
 def timed(fn, device: torch.device, reps: int, warmup: int) -> list[float]:
@@ -198,8 +199,8 @@ def predict_step(counts, topology: Topology, strategy: str, row_bytes: int, meta
     exchange's bytes (rows 4 times, route metadata, weight gradients), and the local pack + unpack
     of the stage's rows twice (forward and backward)."""
     per_row = 4 * row_bytes + meta_bytes + wgrad_bytes
-    comm = cm.predict_stage_times(counts, topology, strategy, per_row, model, latency_terms=LATENCIES_PER_STAGE)
-    local = [2 * model.local_time(cm.packed_rows(c) * row_bytes) for c in counts]
+    comm = pr.predict_stage_times(counts, topology, strategy, per_row, model, latency_terms=LATENCIES_PER_STAGE)
+    local = [2 * model.local_time(sr.packed_rows(c) * row_bytes) for c in counts]
     return [a + b for a, b in zip(comm, local)]
 
 
@@ -254,13 +255,13 @@ def run(args) -> dict | None:
                 entry["measured_ms"] = statistics.median(times) * 1e3
                 entry["measured_all_ms"] = [t * 1e3 for t in times]
                 if strategy == "hf-all_to_all":  # same rows as a2a: one per (token, expert)
-                    counts = cm.stage_rows(dests, topology, "a2a")
+                    counts = sr.stage_rows(dests, topology, "a2a")
                     st = topology.stages("a2a")[0]
                     entry["stages"] = [
                         {
                             "name": "flat",
-                            "rows_per_token": float(cm.sent_rows(counts[0], topology, st).sum()) / (T * W),
-                            "mb_per_rank": float(cm.sent_rows(counts[0], topology, st).double().mean())
+                            "rows_per_token": float(sr.sent_rows(counts[0], topology, st).sum()) / (T * W),
+                            "mb_per_rank": float(sr.sent_rows(counts[0], topology, st).double().mean())
                             * row_bytes
                             / 1e6,
                         }
@@ -284,19 +285,19 @@ def run(args) -> dict | None:
             times = timed(step, device, args.reps, args.warmup)
             handle = hiermoe_step(x_TH, ids_TK, w_TK, plan, ops)
             replay = replay_stages(handle, H, dtype, device)
-            counts = cm.stage_rows(dests, topology, name)
+            counts = sr.stage_rows(dests, topology, name)
             pred = predict_step(counts, topology, name, row_bytes, meta_bytes, wgrad_bytes, model)
             stages = []
             for st, c, t_replay in zip(topology.stages(name), counts, replay):
-                sent = cm.sent_rows(c, topology, st)
+                sent = sr.sent_rows(c, topology, st)
                 s = {
                     "name": st.name,
                     "rows_per_token": float(sent.sum()) / (T * W),
                     "mb_per_rank": float(sent.double().mean()) * row_bytes / 1e6,
-                    "max_peer_rows": cm.max_peer_rows(c, topology, st),
+                    "max_peer_rows": sr.max_peer_rows(c, topology, st),
                     "replay_ms": t_replay * 1e3,
                     "replay_predicted_ms": model.collective_time(
-                        topology, st, cm.max_peer_rows(c, topology, st) * row_bytes
+                        topology, st, sr.max_peer_rows(c, topology, st) * row_bytes
                     )
                     * 1e3,
                 }

@@ -49,6 +49,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiermoe_hf.cost import model as cm  # noqa: E402
+from hiermoe_hf.exchange import stage_rows as sr  # noqa: E402
 from hiermoe_hf.swap import objective as sp  # noqa: E402
 from hiermoe_hf.swap import policies as swap_policies  # noqa: E402
 from hiermoe_hf.swap.window import RoutingStats  # noqa: E402
@@ -113,8 +114,8 @@ def modelled_step_a2a(ids_per_rank, rank_of_E, topo, strategy, row_bytes, model,
     The drawn tokens stand for ``scale`` times as many (counts scale linearly)."""
     dests = [rank_of_E[ids] for ids in ids_per_rank]
     total = 0.0
-    for st, counts in zip(topo.stages(strategy), cm.stage_rows(dests, topo, strategy)):
-        nbytes = cm.max_peer_rows(counts, topo, st) * row_bytes * scale
+    for st, counts in zip(topo.stages(strategy), sr.stage_rows(dests, topo, strategy)):
+        nbytes = sr.max_peer_rows(counts, topo, st) * row_bytes * scale
         total += model.collective_time(topo, st, nbytes, 4) + model.collective_time(topo, st, nbytes, 0)
     return 2 * total
 

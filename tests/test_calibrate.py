@@ -6,6 +6,7 @@ import torch.distributed as dist
 from hiermoe_hf import HierMoEConfig
 from hiermoe_hf.cost import calibration as cal
 from hiermoe_hf.cost import model as cm
+from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.topology import Topology
 
 FIT_SIZES = (32 << 10, 128 << 10, 512 << 10, 1 << 20, 4 << 20)
@@ -34,7 +35,7 @@ def _calibrate_and_hold_out(out_path: str, attempts: int) -> dict:
     without the held-out size, predict it. Retried when the shared CPUs were too noisy."""
     topo = Topology((2, 2))
     kinds = cal.stage_kinds(topo)
-    groups = cal.build_groups(topo, dist.get_rank(), kinds)
+    groups = StageGroups(topo, dist.get_rank())
     sizes = FIT_SIZES + (HELD_OUT,)
     for _ in range(attempts):
         samples = cal.measure(topo, sizes, reps=4, trials=5, groups=groups)

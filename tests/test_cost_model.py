@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from hiermoe_hf.cost import model as cm
+from hiermoe_hf.cost import pricing as pr
 from hiermoe_hf.cost import routing_models as rm
+from hiermoe_hf.exchange import stage_rows as sr
 from hiermoe_hf.topology import Topology
 
 T22 = Topology((2, 2))
@@ -46,21 +48,21 @@ GOLDEN_TIMES = {"a2a": 1.8e-3, "hd1": 1.8e-3, "hd2": 6.12e-3, "2dh": 6.14e-3}
 
 @pytest.mark.parametrize("strategy", ["a2a", "hd1", "hd2", "2dh"])
 def test_golden_rows_and_time(strategy):
-    counts = cm.stage_rows(_golden_routing(), T22, strategy)
+    counts = sr.stage_rows(_golden_routing(), T22, strategy)
     assert [c.tolist() for c in counts] == GOLDEN_COUNTS[strategy]
-    t = cm.predict_time(counts, T22, strategy, 100, GOLDEN_MODEL)
+    t = sum(pr.predict_stage_times(counts, T22, strategy, 100, GOLDEN_MODEL))
     assert t == pytest.approx(GOLDEN_TIMES[strategy], rel=1e-12)
 
 
 def test_latency_exchange_and_local_terms():
-    counts = cm.stage_rows(_golden_routing(), T22, "hd2")
+    counts = sr.stage_rows(_golden_routing(), T22, "hd2")
     model = cm.CostModel("2x2", GOLDEN_MODEL.stages, local=cm.StageCost(0.0, 1e-9))
-    times = cm.predict_stage_times(counts, T22, "hd2", 100, model, latency_terms=4, exchanges=2, local_units=2)
+    times = pr.predict_stage_times(counts, T22, "hd2", 100, model, latency_terms=4, exchanges=2, local_units=2)
     # inter-node: 4 alphas + 2 x (2 * 2 rows * 100 B) * beta + 2 x (3 rows packed by rank 0) * 100 B * 1e-9
     assert times[0] == pytest.approx(4 * 2e-3 + 2 * 2 * 2 * 100 * 1e-5 + 2 * 3 * 100 * 1e-9, rel=1e-12)
     # intra-node: rank 2 packs 3 rows (2 kept); the local work counts kept rows too
     assert times[1] == pytest.approx(4 * 1e-4 + 2 * 2 * 1 * 100 * 1e-7 + 2 * 3 * 100 * 1e-9, rel=1e-12)
-    assert cm.packed_rows(counts[1]) == 3
+    assert sr.packed_rows(counts[1]) == 3
 
 
 def test_contributions_add_up():
@@ -69,8 +71,8 @@ def test_contributions_add_up():
     topo = Topology((2, 2, 2))
     dests = [rm.dest_ranks(rm.sample_uniform(50, 16, 4, g), 16, 8) for _ in range(8)]
     for strategy in topo.strategies():
-        whole = cm.stage_rows(dests, topo, strategy)
-        parts = [cm.stage_rows(d, topo, strategy, origins=[r]) for r, d in enumerate(dests)]
+        whole = sr.stage_rows(dests, topo, strategy)
+        parts = [sr.stage_rows(d, topo, strategy, origins=[r]) for r, d in enumerate(dests)]
         for i, c in enumerate(whole):
             assert torch.equal(c, sum(p[i] for p in parts))
 
@@ -78,8 +80,8 @@ def test_contributions_add_up():
 def test_size_one_groups_cost_nothing():
     topo = Topology((1, 4))
     model = cm.default_cost_model(topo)
-    counts = cm.stage_rows([torch.tensor([[1, 2]])] + [torch.zeros(0, 2, dtype=torch.int64)] * 3, topo, "hd2")
-    times = cm.predict_stage_times(counts, topo, "hd2", 1000, model)
+    counts = sr.stage_rows([torch.tensor([[1, 2]])] + [torch.zeros(0, 2, dtype=torch.int64)] * 3, topo, "hd2")
+    times = pr.predict_stage_times(counts, topo, "hd2", 1000, model)
     assert times[0] == 0.0 and times[1] > 0.0
 
 
@@ -133,7 +135,7 @@ def test_expected_rows_closed_form_matches_simulation(levels):
     g = torch.Generator().manual_seed(2)
     dests = [rm.dest_ranks(rm.sample_uniform(T, E, K, g), E, W) for _ in range(W)]
     for strategy in topo.strategies():
-        sim = rm.rows_per_token(cm.stage_rows(dests, topo, strategy), topo, strategy, T * W)
+        sim = rm.rows_per_token(sr.stage_rows(dests, topo, strategy), topo, strategy, T * W)
         closed = rm.expected_rows_per_token_uniform(topo, strategy, E, K)
         assert sim == pytest.approx(closed, rel=0.03, abs=0.02), strategy
 
@@ -153,7 +155,7 @@ def test_group_limited_sampler():
 
 def test_zipf_sampler_is_skewed():
     g = torch.Generator().manual_seed(4)
-    ids = rm.sample_zipf(4000, 64, 4, 1.2, g)
+    ids = rm.sample_group_limited(4000, 64, 4, 1, 1, g, rm.zipf_popularity(64, 1.2, g))
     assert all(len(set(r)) == 4 for r in ids[:200].tolist())
     counts = torch.bincount(ids.flatten(), minlength=64).sort(descending=True).values
     assert counts[0] > 4 * counts[-1]

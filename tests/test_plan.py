@@ -6,8 +6,11 @@ import time
 import pytest
 import torch
 
+from hiermoe_hf.cost import auto
+from hiermoe_hf.cost import model as cm
 from hiermoe_hf.cost import planner as planner
 from hiermoe_hf.cost import routing_models as rm
+from hiermoe_hf.exchange import stage_rows as sr
 from hiermoe_hf.topology import Topology
 
 
@@ -88,18 +91,39 @@ def test_bad_arguments_fail_clearly(capsys):
 
 
 def test_hub_name_offline_fails_fast(monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; is_offline_mode() answers from its constant
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     t = time.time()
     with pytest.raises(SystemExit) as e:
         planner.main(["--model", "no-such-org/no-such-model"])
     assert e.value.code == 2 and "HF_HUB_OFFLINE" in capsys.readouterr().err
-    # network allowed but the Hub unreachable: one quick connect, not huggingface_hub's retry loop
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    # network allowed but the Hub unreachable: a clear error within seconds
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(ValueError, match="cannot reach the Hugging Face Hub"):
+    with pytest.raises(ValueError, match="cannot load 'no-such-org/no-such-model'.*unreachable"):
         planner.load_model_spec("no-such-org/no-such-model")
     assert time.time() - t < 10
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_planner_prices_as_auto_does(seed):
+    """The planner's predicted times and choice are ``dispatch="auto"``'s on the same routing, for
+    cost models whose latency/bandwidth balance varies (a different pricing would disagree on some)."""
+    spec = planner.MODEL_PRESETS["deepseek-v3"]
+    topo = Topology((2, 4))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(8):
+        alpha = 10 ** (-6 + 3 * torch.rand((), generator=g).item())
+        beta = 10 ** (-11 + 3 * torch.rand((), generator=g).item())
+        model = cm.CostModel(str(topo), {st.name: cm.StageCost(alpha, beta) for st in topo.distinct_stages()})
+        out = planner.plan(spec, topo, model, routing="group-limited", tokens=256, seed=seed)
+        dests = planner.sample_dests(spec, topo, "group-limited", 256, seed)
+        counts = {name: sr.stage_rows(dests, topo, name) for name in topo.strategies()}
+        expected = auto.predicted_ms(topo, counts, spec.hidden * 2, model)
+        for s in out["strategies"]:
+            assert s["predicted_ms"] == pytest.approx(expected[s["name"]], rel=1e-12)
+        assert planner.chosen(out) == min(topo.strategies(), key=lambda n: (expected[n], topo.strategies().index(n)))

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from hiermoe_hf.cost import auto as strategy
 from hiermoe_hf.cost import model as cm
 from hiermoe_hf.cost import routing_models as rm
+from hiermoe_hf.exchange import stage_rows as sr
 from hiermoe_hf.topology import Topology
 
 TOPO = Topology((2, 2))
@@ -34,7 +35,8 @@ def _routing(seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     dests = [torch.zeros(T, 1, dtype=torch.int64).expand(T, K).clone()]
     for _ in range(1, TOPO.world_size):
-        dests.append(rm.dest_ranks(rm.sample_zipf(T, E, K, 1.1, g), E, TOPO.world_size))
+        ids = rm.sample_group_limited(T, E, K, 1, 1, g, rm.zipf_popularity(E, 1.1, g))  # Zipf, no group limit
+        dests.append(rm.dest_ranks(ids, E, TOPO.world_size))
     return dests
 
 
@@ -50,7 +52,7 @@ def test_auto_same_choice_on_every_rank_and_cheapest(ranks):
     results = ranks(4).run(_pick_on_rank, 7)
     dests = _routing(7)
     candidates = TOPO.strategies()
-    global_counts = {c: cm.stage_rows(dests, TOPO, c) for c in candidates}
+    global_counts = {c: sr.stage_rows(dests, TOPO, c) for c in candidates}
     for name, model in MODELS.items():
         choices = {r[name][0] for r in results}
         assert len(choices) == 1, (name, [r[name] for r in results])

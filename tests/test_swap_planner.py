@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hiermoe_hf.cost import model as cm
+from hiermoe_hf.exchange import stage_rows as sr
 from hiermoe_hf.swap import objective as sp
 from hiermoe_hf.swap import policies as pol
 from hiermoe_hf.topology import Topology
@@ -24,7 +25,7 @@ def recount(ids_NK, origin_N, rank_of_E, topology, strategy):
     W = topology.world_size
     dest = torch.where(ids_NK >= 0, rank_of_E[ids_NK.clamp(min=0)], -1)
     per_origin = [dest[origin_N == o] for o in range(W)]
-    return [c.reshape(-1) for c in cm.stage_rows(per_origin, topology, strategy)]
+    return [c.reshape(-1) for c in sr.stage_rows(per_origin, topology, strategy)]
 
 
 def random_case(levels, E, K, N, seed):
@@ -48,7 +49,7 @@ def test_delta_rule_equals_recount_for_every_pair(levels):
             assert all(torch.equal(a, b) for a, b in zip(now, recount(ids, origin, rank_of_E, topo, strategy)))
             pairs = sp.candidate_pairs(rank_of_E)
             assert pairs.shape[0] == sum(int(rank_of_E[a] != rank_of_E[b]) for a in range(E) for b in range(a + 1, E))
-            got = sp.pair_stage_counts(ids, origin, rank_of_E, topo, strategy, pairs)
+            got = sp.pair_stage_counts(sp.summaries(ids, origin, rank_of_E, topo, strategy), rank_of_E, pairs)
             for p, (a, b) in enumerate(pairs.tolist()):
                 swapped = rank_of_E.clone()
                 swapped[a], swapped[b] = rank_of_E[b], rank_of_E[a]

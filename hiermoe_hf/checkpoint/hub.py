@@ -11,8 +11,9 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 _CHECKPOINT_FILES = ["*.json", "*.safetensors"]  # config, generation config, index, weights
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, **hub_kwargs) -> str:
-    """Local folder of a checkpoint: ``name_or_path`` itself, or a Hub snapshot (downloaded if needed).
+def resolve_checkpoint(name_or_path: str | os.PathLike, patterns: list[str] = _CHECKPOINT_FILES, **hub_kwargs) -> str:
+    """Local folder of a checkpoint: ``name_or_path`` itself, or a Hub snapshot of the files matching
+    ``patterns`` (downloaded if needed).
 
     Offline (``HF_HUB_OFFLINE=1``, ``local_files_only=True``) only the cache is consulted; a Hub that
     cannot be reached fails fast (connection errors, bounded timeouts) with an ``OSError`` that says so.
@@ -25,7 +26,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, **hub_kwargs) -> str:
     offline = bool(hub_kwargs.pop("local_files_only", False)) or is_offline_mode()
     try:
         return snapshot_download(
-            path, allow_patterns=_CHECKPOINT_FILES, local_files_only=offline, etag_timeout=10, **hub_kwargs
+            path, allow_patterns=patterns, local_files_only=offline, etag_timeout=10, **hub_kwargs
         )
     except HFValidationError as err:
         raise ValueError(f"{path!r} is neither a local folder nor a valid Hub repo id ('owner/name')") from err

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_hf.cost import model as cm
+from hiermoe_hf.cost.pricing import forward_exchange_times
+from hiermoe_hf.exchange.stage_rows import stage_rows
 from hiermoe_hf.topology import Topology
 
 
@@ -35,7 +37,7 @@ def local_counts(topology: Topology, candidates: list[str], dest_rank_TK: torch.
     parts = [
         c.reshape(-1)
         for name in candidates
-        for c in cm.stage_rows(dest_rank_TK.detach().to(torch.int64), topology, name, origins=[rank])
+        for c in stage_rows(dest_rank_TK.detach().to(torch.int64), topology, name, origins=[rank])
     ]
     return torch.cat(parts)
 
@@ -57,13 +59,7 @@ def predicted_ms(
 ) -> dict[str, float]:
     """Predicted ms of one layer's forward exchange (dispatch + combine) per candidate: each stage
     pays the dispatcher's 4 collectives' latencies, its rows twice, and its local pack + unpack."""
-    return {
-        name: 1e3
-        * cm.predict_time(
-            c, topology, name, row_bytes, model, cm.FORWARD_LATENCIES, cm.FORWARD_EXCHANGES, cm.FORWARD_LOCAL_UNITS
-        )
-        for name, c in counts.items()
-    }
+    return {name: 1e3 * sum(forward_exchange_times(c, topology, name, row_bytes, model)) for name, c in counts.items()}
 
 
 def pick_strategy(
@@ -72,9 +68,8 @@ def pick_strategy(
     dest_rank_TK: torch.Tensor,
     row_bytes: int,
     cost_model,
-    group=None,
 ) -> tuple[str, dict[str, float]]:
-    """Pick the strategy every rank will use for this layer's exchange. Collective over ``group``.
+    """Pick the strategy every rank will use for this layer's exchange. Collective over the world.
 
     Args:
         topology: the expert-parallel topology.
@@ -83,7 +78,6 @@ def pick_strategy(
         row_bytes: bytes one row puts on the wire.
         cost_model: a ``cost_model.CostModel``, a calibration JSON path or preset name, or None
             (defaults; load it once and pass the object to avoid re-reading per layer).
-        group: process group spanning the topology (None = default).
     Returns:
         (name, predicted ms of the layer's forward exchange per candidate), the same on every rank.
     """
@@ -95,11 +89,11 @@ def pick_strategy(
         topology.stages(name)  # raises ValueError naming the valid strategies
     model = _as_cost_model(cost_model, topology)
     distributed = dist.is_available() and dist.is_initialized() and topology.world_size > 1
-    rank = dist.get_rank(group) if distributed else 0
+    rank = dist.get_rank() if distributed else 0
     flat = local_counts(topology, candidates, dest_rank_TK, rank)
     if distributed:
         # the counts live on the routing's device: NCCL reduces device tensors, gloo host ones
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat = flat.cpu()
     predicted = predicted_ms(topology, split_counts(topology, candidates, flat), row_bytes, model)
     best = min(range(len(candidates)), key=lambda i: (predicted[candidates[i]], i))

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_hf.cost.model import CostModel, StageCost
+from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.topology import Stage, Topology
 
 DEFAULT_SIZES = (16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
@@ -32,27 +33,7 @@ DEFAULT_LOCAL_ROWS = (2048, 8192, 16384)
 
 def stage_kinds(topology: Topology) -> list[Stage]:
     """One Stage per distinct digit range over all strategies, groups of one rank left out."""
-    seen, out = set(), []
-    for strategy in topology.strategies():
-        for st in topology.stages(strategy):
-            if (st.lo, st.hi) not in seen and topology.group_size(st) > 1:
-                seen.add((st.lo, st.hi))
-                out.append(st)
-    return out
-
-
-def build_groups(topology: Topology, rank: int, stages: Sequence[Stage]) -> dict[tuple[int, int], object]:
-    """This rank's process group per stage (collective: every rank creates every group in order)."""
-    groups = {}
-    for st in stages:
-        if topology.group_size(st) == topology.world_size:
-            groups[(st.lo, st.hi)] = dist.group.WORLD
-            continue
-        for ranks in topology.all_groups(st):
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                groups[(st.lo, st.hi)] = g
-    return groups
+    return [st for st in topology.distinct_stages() if topology.group_size(st) > 1]
 
 
 def fit_alpha_beta(nbytes: Sequence[float], seconds: Sequence[float]) -> StageCost:
@@ -104,25 +85,13 @@ def _buffers(group_size: int, per_peer_bytes: int, device: torch.device) -> tupl
     return x, torch.empty_like(x)
 
 
-def time_exchange(
-    group, group_size: int, per_peer_bytes: int, device: torch.device, reps: int = 5, trials: int = 3, warmup: int = 1
-) -> float:
-    """Seconds of one ``all_to_all_single`` with ``per_peer_bytes`` to each member: the slowest
-    rank's mean over ``reps``, best of ``trials``. Collective over the default group (every rank
-    calls it, each with its own stage group)."""
-    x, out = _buffers(group_size, per_peer_bytes, device)
-    for _ in range(warmup):
-        dist.all_to_all_single(out, x, group=group)
-    return min(_time_once(group, x, out, reps, device) for _ in range(trials))
-
-
 def measure(
     topology: Topology,
     sizes: Sequence[int] = DEFAULT_SIZES,
     reps: int = 5,
     trials: int = 3,
     device: torch.device | None = None,
-    groups: dict | None = None,
+    groups: StageGroups | None = None,
 ) -> dict[str, list[tuple[int, float]]]:
     """Samples per stage name: [(S * per-peer bytes, seconds)], one per size. Collective.
 
@@ -135,10 +104,10 @@ def measure(
         )
     kinds = stage_kinds(topology)
     if groups is None:
-        groups = build_groups(topology, dist.get_rank(), kinds)
+        groups = StageGroups(topology, dist.get_rank())
     samples: dict[str, list[tuple[int, float]]] = {}
     for st in kinds:
-        S, group = topology.group_size(st), groups[(st.lo, st.hi)]
+        S, group = topology.group_size(st), groups.get(st)
         bufs = [_buffers(S, int(m), device) for m in sizes]
         for x, out in bufs:  # warm-up: connections, allocations
             dist.all_to_all_single(out, x, group=group)
@@ -255,7 +224,7 @@ def _parse_size(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hiermoe_hf.cost.calibration", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hiermoe_hf.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--topology", default=None, help="e.g. 2x4; default: nodes x LOCAL_WORLD_SIZE from the launcher")
     p.add_argument("--out", default="hiermoe_cost_model.json", help="JSON written by rank 0")
     p.add_argument(

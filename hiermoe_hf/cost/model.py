@@ -7,12 +7,8 @@ Constants are per stage kind, keyed by the stage names of ``topology.py`` ("inte
 "intra-node", "flat", "level-1", ...), and come from a calibration JSON
 (``python -m hiermoe_hf.calibrate``), a preset, or link-level defaults.
 
-Row counts come from simulating the layout: every token of every rank is walked through the
-stages exactly as the dispatcher packs it (one row per destination group member for de-duplicated
-stages, one per selection otherwise), which gives, per stage, int64 counts ``[W, S]``: rows that
-holder rank ``r`` sends to member ``m`` of its group (``m == member_of(r)``: kept on ``r``).
-
-Routing models (closed forms, samplers, traces) live in ``routing_models.py``.
+Row counts are ``exchange.stage_rows``'; turning them into seconds is ``pricing.py``; routing
+models (closed forms, samplers, traces) are ``routing_models.py``.
 
 Shapes: W ranks, S group members, T tokens, K selections per token, E experts, R rows.
 """
@@ -25,17 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
-
 from hiermoe_hf.topology import Stage, Topology
-
-# What ``dispatch="auto"`` predicts per stage: the forward exchange of one layer, i.e. the
-# dispatcher's dispatch (counts, rows, route metadata: 3 collectives) and combine (rows back: 1),
-# so 4 latencies, the rows' bytes twice, and one local pack + unpack of the stage's rows.
-FORWARD_LATENCIES = 4
-FORWARD_EXCHANGES = 2
-FORWARD_LOCAL_UNITS = 1
-
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -81,16 +67,15 @@ def stage_costs_from_links(topology: Topology, links: Sequence[Link]) -> dict[st
             "give one Link per level, outermost first"
         )
     out: dict[str, StageCost] = {}
-    for strategy in topology.strategies():
-        for stage in topology.stages(strategy):
-            S = topology.group_size(stage)
-            alpha, beta = 0.0, 0.0
-            for lvl in range(stage.lo, stage.hi):
-                ranks_under = math.prod(topology.levels[lvl + 1 :])
-                peers_outside = S - math.prod(topology.levels[lvl + 1 : stage.hi])
-                beta = max(beta, ranks_under * peers_outside / (S * links[lvl].bandwidth))
-                alpha = max(alpha, links[lvl].latency_s)
-            out[stage.name] = StageCost(alpha, beta)
+    for stage in topology.distinct_stages():
+        S = topology.group_size(stage)
+        alpha, beta = 0.0, 0.0
+        for lvl in range(stage.lo, stage.hi):
+            ranks_under = math.prod(topology.levels[lvl + 1 :])
+            peers_outside = S - math.prod(topology.levels[lvl + 1 : stage.hi])
+            beta = max(beta, ranks_under * peers_outside / (S * links[lvl].bandwidth))
+            alpha = max(alpha, links[lvl].latency_s)
+        out[stage.name] = StageCost(alpha, beta)
     return out
 
 
@@ -136,10 +121,9 @@ def paper_cost_model(topology: Topology) -> CostModel:
             f"preset 'hiermoe-paper' has constants for topologies of 2 to 4 levels; {topology} has {topology.depth}"
         )
     stages = {}
-    for strategy in topology.strategies():
-        for stage in topology.stages(strategy):
-            alpha_ms, beta_ms = PAPER_FIT_MS[paper_stage_key(topology, stage)]
-            stages[stage.name] = StageCost(alpha_ms * 1e-3, beta_ms * 1e-3)
+    for stage in topology.distinct_stages():
+        alpha_ms, beta_ms = PAPER_FIT_MS[paper_stage_key(topology, stage)]
+        stages[stage.name] = StageCost(alpha_ms * 1e-3, beta_ms * 1e-3)
     return CostModel(str(topology), stages, PAPER_SOURCE, False)
 
 
@@ -262,157 +246,10 @@ def load_cost_model(path_or_none: str | os.PathLike | None, topology: Topology) 
             f"cost model {spec!r} was calibrated on topology {model.topology} but this run's topology is {topology}; "
             "run `python -m hiermoe_hf.calibrate` on this topology or use cost_model=None"
         )
-    needed = [s for st in topology.strategies() for s in topology.stages(st) if topology.group_size(s) > 1]
+    needed = [s for s in topology.distinct_stages() if topology.group_size(s) > 1]
     missing = sorted({s.name for s in needed if s.name not in model.stages and f"{s.lo}:{s.hi}" not in model.stages})
     if missing:
         raise ValueError(
             f"cost model {spec!r} lacks constants for stage(s) {', '.join(missing)} of topology {topology}"
         )
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Rows per stage, by simulating the layout
-# ---------------------------------------------------------------------------------------------
-
-
-def _advance(holder_R: torch.Tensor, dest_RK: torch.Tensor, topology: Topology, stage: Stage):
-    """Move rows through one stage. -> (holder_P, dest_PK, member counts int64 [W, S]).
-
-    holder_R: int64 [R] rank holding each row; dest_RK: int64 [R, K] destination rank of every
-    selection the row carries (-1: none). Same packing rule as ``reference.stage_layout``.
-    """
-    W, S, div = topology.world_size, topology.group_size(stage), topology.stride(stage.hi)
-    R, K = dest_RK.shape
-    dev = dest_RK.device  # stays on the routing's device: on a GPU this runs per layer under "auto"
-    member_RK = torch.where(dest_RK >= 0, (dest_RK // div) % S, S)
-    if stage.dedup:
-        need_RS = torch.zeros(R, S + 1, dtype=torch.bool, device=dev).scatter_(1, member_RK, True)[:, :S]
-        row_P, m_P = need_RS.nonzero(as_tuple=True)
-        dest_PK = torch.where(member_RK[row_P] == m_P[:, None], dest_RK[row_P], -1)
-    else:
-        row_P, k_P = (dest_RK >= 0).nonzero(as_tuple=True)
-        m_P = member_RK[row_P, k_P]
-        dest_PK = torch.full((row_P.numel(), K), -1, dtype=torch.int64, device=dev)
-        dest_PK[torch.arange(row_P.numel(), device=dev), k_P] = dest_RK[row_P, k_P]
-    src_P = holder_R[row_P]
-    dst_P = src_P + (m_P - topology.member_of(src_P, stage)) * div
-    counts_WS = torch.bincount(src_P * S + m_P, minlength=W * S).view(W, S)
-    return dst_P, dest_PK, counts_WS
-
-
-def stage_rows(
-    dest_rank_TK: Sequence[torch.Tensor] | torch.Tensor,
-    topology: Topology,
-    strategy: str,
-    origins: Sequence[int] | None = None,
-) -> list[torch.Tensor]:
-    """Rows every rank sends to every member of its group, per stage of ``strategy``.
-
-    Args:
-        dest_rank_TK: per origin rank, int64 [T_r, K] destination rank of each selection (-1 none);
-            a single tensor means one origin (give ``origins=[rank]``).
-        origins: the rank each tensor's tokens start on (default 0, 1, ...). With every rank's
-            routing this is the global count; with one rank's it is that rank's contribution, and
-            contributions add up (rows of different origin tokens are never merged).
-    Returns:
-        one int64 [W, S] per stage: counts[r, m] = rows rank r sends to member m of its group.
-    """
-    if isinstance(dest_rank_TK, torch.Tensor):
-        dest_rank_TK = [dest_rank_TK]
-    if origins is None:
-        origins = range(len(dest_rank_TK))
-    if len(origins) != len(dest_rank_TK):
-        raise ValueError(f"{len(dest_rank_TK)} routing tensors but {len(origins)} origins")
-    W = topology.world_size
-    for o, d in zip(origins, dest_rank_TK):
-        if not 0 <= o < W:
-            raise ValueError(f"origin rank {o} outside 0..{W - 1} of topology {topology}")
-        if d.dim() != 2:
-            raise ValueError(f"routing of origin rank {o} must be [T, K], got shape {tuple(d.shape)}")
-        if d.numel() and (int(d.max()) >= W or int(d.min()) < -1):
-            raise ValueError(f"destination ranks must lie in -1..{W - 1} for topology {topology}")
-    dev = dest_rank_TK[0].device
-    dest = torch.cat([d.to(dev, torch.int64) for d in dest_rank_TK])
-    holder = torch.cat(
-        [torch.full((d.shape[0],), o, dtype=torch.int64, device=dev) for o, d in zip(origins, dest_rank_TK)]
-    )
-    out = []
-    for stage in topology.stages(strategy):
-        holder, dest, counts = _advance(holder, dest, topology, stage)
-        out.append(counts)
-    return out
-
-
-def own_member(topology: Topology, stage: Stage) -> torch.Tensor:
-    """int64 [W]: each rank's own member index in its group of ``stage`` (the column kept locally)."""
-    return topology.member_of(torch.arange(topology.world_size), stage)
-
-
-def sent_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> torch.Tensor:
-    """int64 [W]: rows each rank puts on the stage's links (its own member's column excluded)."""
-    own = own_member(topology, stage)
-    return counts_WS.sum(1) - counts_WS.gather(1, own[:, None]).squeeze(1)
-
-
-def max_peer_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> float:
-    """Largest message (rows) any rank sends to any other member in this stage (counts may be scaled floats)."""
-    own = own_member(topology, stage)
-    off = counts_WS.clone()
-    off.scatter_(1, own[:, None], 0)
-    return off.max().item() if off.numel() else 0
-
-
-def packed_rows(counts_WS: torch.Tensor) -> float:
-    """Most rows any rank packs in this stage (kept ones included: they are gathered too)."""
-    return counts_WS.sum(1).max().item() if counts_WS.numel() else 0
-
-
-def predict_stage_times(
-    counts: Sequence[torch.Tensor],
-    topology: Topology,
-    strategy: str,
-    row_bytes: float,
-    cost_model: CostModel,
-    latency_terms: float = 1,
-    exchanges: float = 1.0,
-    local_units: float = 0.0,
-) -> list[float]:
-    """Seconds per stage.
-
-    latency_terms * alpha + exchanges * S * (largest per-peer rows * row_bytes) * beta (0 for
-    groups of one), plus local_units * the local pack+unpack time of the most rows any rank packs.
-    Defaults: one exchange of the rows, network only.
-    """
-    stages = topology.stages(strategy)
-    if len(counts) != len(stages):
-        raise ValueError(f"{len(counts)} count matrices for the {len(stages)} stages of {strategy!r}")
-    out = []
-    for st, c in zip(stages, counts):
-        t = 0.0
-        if topology.group_size(st) > 1:
-            k = cost_model.stage_cost(st)
-            t = (
-                latency_terms * k.alpha
-                + exchanges * topology.group_size(st) * max_peer_rows(c, topology, st) * row_bytes * k.beta
-            )
-        if local_units:
-            t += local_units * cost_model.local_time(packed_rows(c) * row_bytes)
-        out.append(t)
-    return out
-
-
-def predict_time(
-    counts: Sequence[torch.Tensor],
-    topology: Topology,
-    strategy: str,
-    row_bytes: float,
-    cost_model: CostModel,
-    latency_terms: float = 1,
-    exchanges: float = 1.0,
-    local_units: float = 0.0,
-) -> float:
-    """Seconds for ``strategy`` (sum over its stages; see ``predict_stage_times``)."""
-    return sum(
-        predict_stage_times(counts, topology, strategy, row_bytes, cost_model, latency_terms, exchanges, local_units)
-    )

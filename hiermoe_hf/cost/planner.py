@@ -4,10 +4,11 @@
     python -m hiermoe_hf.plan --model ./my_model/config.json --topology 2x8 --cost-model cost.json --json
 
 Per strategy: rows each token puts on every stage's links (rows kept on the sending rank
-excluded), bytes per rank, predicted time of one dispatch exchange (the combine moves the same rows
-back and costs the same), speed-up over ``a2a``; the strategy with the lowest predicted time
-(what ``dispatch="auto"`` would pick for this routing), and a duplication-rate table like Table II
-of the HierMoE paper: 1 - E[distinct groups]/K for R groups of E/R experts.
+excluded), bytes per rank, predicted time of one layer's forward exchange (dispatch + combine,
+priced by ``pricing.forward_exchange_times``, the function ``dispatch="auto"`` uses), speed-up
+over ``a2a``; the strategy with the lowest predicted time (what ``dispatch="auto"`` picks for this
+routing), and a duplication-rate table like Table II of the HierMoE paper: 1 - E[distinct
+groups]/K for R groups of E/R experts.
 
 Routing models: ``uniform`` (top-K of E uniformly; rows in closed form), ``group-limited``
 (DeepSeek-V3's n_group/topk_group choice on random scores; sampled), or a trace path (int ids
@@ -25,8 +26,11 @@ from typing import Sequence
 
 import torch
 
+from hiermoe_hf.checkpoint.hub import resolve_checkpoint
 from hiermoe_hf.cost import model as cm
 from hiermoe_hf.cost import routing_models as rm
+from hiermoe_hf.cost.pricing import forward_exchange_times
+from hiermoe_hf.exchange.stage_rows import stage_rows
 from hiermoe_hf.topology import Topology, parse_levels
 
 
@@ -70,31 +74,11 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hub endpoint cannot be reached, or None. huggingface_hub retries a dead network for
-    ~25 s; one quick TCP connect fails in seconds instead. Skipped behind a proxy (it decides)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection(
-            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
-        ).close()
-    except OSError as err:
-        return f"{url.hostname}: {err}"
-    return None
-
-
 def load_model_spec(model: str) -> ModelSpec:
     """A preset name, a local config.json or model folder, or a Hub id (cache first, then network).
 
-    Never hangs without a network: with HF_HUB_OFFLINE=1 only the local cache is read, and a failed
-    download raises a ValueError that names the alternatives.
+    Never hangs without a network (``checkpoint.hub.resolve_checkpoint``): with HF_HUB_OFFLINE=1 only
+    the local cache is read, and a failed download raises a ValueError that names the alternatives.
     """
     if model in MODEL_PRESETS:
         return MODEL_PRESETS[model]
@@ -110,31 +94,13 @@ def load_model_spec(model: str) -> ModelSpec:
             f"model {model!r} is not a preset ({', '.join(MODEL_PRESETS)}), an existing config.json/folder, "
             "or a Hub id of the form 'org/name'"
         )
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return spec_from_config(_read_json(hf_hub_download(model, "config.json", local_files_only=True)), model)
-    except Exception:  # noqa: BLE001  (not cached: fall through to the network, if allowed)
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    try:  # the local cache first; with HF_HUB_OFFLINE=1 only the cache
+        folder = resolve_checkpoint(model, patterns=["config.json"])
+    except OSError as err:
         raise ValueError(
-            f"config.json of {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-            f"download it first, pass a local config.json, or use a preset ({', '.join(MODEL_PRESETS)})"
-        )
-    reason = _hub_unreachable()
-    if reason:
-        raise ValueError(
-            f"cannot reach the Hugging Face Hub to fetch config.json of {model!r} ({reason}); "
-            f"without a network pass a local config.json or a preset ({', '.join(MODEL_PRESETS)})"
-        )
-    try:
-        path = hf_hub_download(model, "config.json", etag_timeout=10)
-    except Exception as err:  # noqa: BLE001  (any network or auth failure -> one clear message)
-        raise ValueError(
-            f"could not fetch config.json of {model!r} from the Hugging Face Hub ({type(err).__name__}: {err}); "
-            f"without a network pass a local config.json or a preset ({', '.join(MODEL_PRESETS)})"
+            f"{err}; without a network pass a local config.json or a preset ({', '.join(MODEL_PRESETS)})"
         ) from err
-    return spec_from_config(_read_json(path), model)
+    return spec_from_config(_read_json(os.path.join(folder, "config.json")), model)
 
 
 def resolve_routing(routing: str, spec: ModelSpec) -> str:
@@ -186,6 +152,13 @@ def duplication_table(spec: ModelSpec, routing: str, samples: int = 20000, seed:
     return out
 
 
+def sample_dests(spec: ModelSpec, topology: Topology, routing: str, tokens: int, seed: int) -> list[torch.Tensor]:
+    """Per rank, int64 [tokens, K] destination ranks of routing sampled for every rank (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    W = topology.world_size
+    return [rm.dest_ranks(sample_routing(routing, spec, tokens, g), spec.experts, W) for _ in range(W)]
+
+
 def plan(
     spec: ModelSpec,
     topology: Topology,
@@ -203,14 +176,13 @@ def plan(
         raise ValueError(f"{spec.experts} experts cannot be split evenly over {W} ranks (topology {topology})")
     if tokens < 1:
         raise ValueError(f"tokens per rank must be >= 1, got {tokens}")
-    g = torch.Generator().manual_seed(seed)
     n = min(tokens, max_samples)
-    dests = [rm.dest_ranks(sample_routing(routing, spec, n, g), spec.experts, W) for _ in range(W)]
+    dests = sample_dests(spec, topology, routing, n, seed)
     row_bytes = spec.hidden * dtype_bytes
     strategies = []
     for name in topology.strategies():
-        counts = [c.double() * (tokens / n) for c in cm.stage_rows(dests, topology, name)]
-        times = cm.predict_stage_times(counts, topology, name, row_bytes, cost_model)
+        counts = [c.double() * (tokens / n) for c in stage_rows(dests, topology, name)]
+        times = forward_exchange_times(counts, topology, name, row_bytes, cost_model)
         if routing == "uniform":
             rpt = rm.expected_rows_per_token_uniform(topology, name, spec.experts, spec.topk)
         else:
@@ -255,7 +227,7 @@ def format_text(
     best = chosen(result)
     lines += [
         "",
-        f"chosen: {best} (depth {strategy_depth(best)}), predicted one dispatch exchange; combine costs the same",
+        f"chosen: {best} (depth {strategy_depth(best)}), predicted forward exchange (dispatch + combine) per layer",
         "",
     ]
     lines.append(f"duplication rate 1 - E[distinct groups]/K, E={spec.experts}, routing {routing}")
@@ -268,7 +240,7 @@ def format_text(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hiermoe_hf.cost.planner", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hiermoe_hf.plan", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model", required=True, help=f"preset ({', '.join(MODEL_PRESETS)}), config.json or folder, or Hub id"
     )

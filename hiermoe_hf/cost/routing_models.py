@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from hiermoe_hf.cost.model import sent_rows
+from hiermoe_hf.exchange.stage_rows import sent_rows
 from hiermoe_hf.topology import Topology
 
 
@@ -125,12 +125,6 @@ def sample_group_limited(
     keep.scatter_(1, group_score.topk(topk_group, dim=1).indices, True)
     masked = torch.where(keep.repeat_interleave(E // n_group, dim=1), scores, float("-inf"))
     return masked.topk(K, dim=1).indices
-
-
-def sample_zipf(T: int, E: int, K: int, s: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """int64 [T, K]: K distinct experts per token, expert popularity ~ 1/rank^s over a random order."""
-    _check_groups(E, K, 1)
-    return _scores(T, E, zipf_popularity(E, s, generator), generator).topk(K, dim=1).indices
 
 
 def distinct_groups(ids_TK: torch.Tensor, E: int, R: int) -> float:

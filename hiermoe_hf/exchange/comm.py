@@ -19,14 +19,11 @@ class StageGroups:
         self.topology = topology
         self.rank = rank
         self._groups: dict[tuple[int, int], object] = {}
-        for strategy in topology.strategies():
-            for stage in topology.stages(strategy):
-                self._build(stage)
+        for stage in topology.distinct_stages():
+            self._build(stage)
 
     def _build(self, stage: Stage) -> None:
         key = (stage.lo, stage.hi)
-        if key in self._groups:
-            return
         size = self.topology.group_size(stage)
         if size == 1:
             self._groups[key] = None
@@ -90,8 +87,9 @@ class ExchangeRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gx_RH, gw_RK, _gids):
-        gx_PH = _a2a(gx_RH, ctx.recv, ctx.send, ctx.group) if gx_RH is not None else None
-        gw_PK = _a2a(gw_RK, ctx.recv, ctx.send, ctx.group) if gw_RK is not None else None
+        # autograd materialises absent output grads as zeros, so both are tensors
+        gx_PH = _a2a(gx_RH, ctx.recv, ctx.send, ctx.group)
+        gw_PK = _a2a(gw_RK, ctx.recv, ctx.send, ctx.group)
         return gx_PH, gw_PK, None, None, None, None
 
 

@@ -55,7 +55,6 @@ class DispatchHandle:
     """Everything ``combine`` needs to reverse ``dispatch``: the stage records, in dispatch order."""
 
     records: tuple[StageRecord, ...]
-    num_tokens: int
 
 
 def dispatch(
@@ -90,7 +89,7 @@ def dispatch(
             x, w, ids = x_P, w_P, ids_P
         else:
             x, w, ids = ExchangeRows.apply(x_P, w_P, ids_P, send_l, recv_l, group)
-    return x, ids, w, DispatchHandle(tuple(records), x_TH.shape[0])
+    return x, ids, w, DispatchHandle(tuple(records))
 
 
 def combine(y_RH: torch.Tensor, handle: DispatchHandle, ops: SimpleNamespace) -> torch.Tensor:

@@ -5,12 +5,10 @@ the rank each token started on, ``origin_N``) and the current placement as ``ran
 [E], the rank holding each logical expert).
 
 Row counts. Every stage of a strategy is a set of cells ``(holder rank h, member m of h's group)``,
-flattened as ``h * S + m`` (the same layout as ``cost_model.stage_rows``' ``[W, S]``). A row of a
-token that started on rank ``o`` and goes towards destination rank ``d`` lands in cell
-``cell_OD[o, d]`` (``d``'s digits for the stages already crossed, ``o``'s for the rest). A
-de-duplicated stage varying digits ``[lo, hi)`` sends one row per (token, distinct *key*
-``d // stride(hi)``), i.e. per level-``hi`` subtree; a plain stage (``a2a``, ``2dh``) one per
-selection, whose key is then the rank itself.
+flattened as ``h * S + m`` (the layout of ``exchange.stage_rows``' ``[W, S]``, which also gives the
+counts now and the cell ``cell_OD[o, d]`` a row of a token from rank ``o`` towards rank ``d`` lands
+in). A de-duplicated stage sends one row per (token, distinct *key* ``d // key_divisor``), i.e. per
+level-``hi`` subtree; a plain stage (``a2a``, ``2dh``) one per selection, whose key is then the rank.
 
 Delta rule. Exchanging experts ``a`` (key Ga) and ``b`` (key Gb, Gb != Ga) changes a token only if
 it selects exactly one of them. With ``c_t(G)`` the token's selections under key G, a token with
@@ -49,6 +47,8 @@ from dataclasses import dataclass
 import torch
 
 from hiermoe_hf.cost import model as cm
+from hiermoe_hf.cost.pricing import FORWARD_EXCHANGES, FORWARD_LATENCIES
+from hiermoe_hf.exchange import stage_rows as sr
 from hiermoe_hf.topology import Stage, Topology
 
 DEFAULT_GAMMA = 10.0
@@ -81,10 +81,9 @@ class PlannerCosts:
     row_bytes: float
     compute_s_per_row: float = 0.0
     gamma: float = DEFAULT_GAMMA
-    # Per stage and forward: the dispatch's 3 collectives (counts, rows, route) and the combine's 1
-    # pay the latency; the rows cross twice (out and back).
-    latency_terms: float = 4.0
-    exchanges: float = 2.0
+    # Per stage and forward, as ``dispatch="auto"`` prices it (``cost.pricing``).
+    latency_terms: float = FORWARD_LATENCIES
+    exchanges: float = FORWARD_EXCHANGES
 
 
 @dataclass(frozen=True)
@@ -132,25 +131,15 @@ class StageCells:
 
 
 def stage_cells(topology: Topology, strategy: str) -> list[StageCells]:
-    """Cell maps of every stage of ``strategy``, by walking each (origin, destination) pair through it."""
+    """Cell maps of every stage of ``strategy`` (``exchange.stage_rows.cells``, one column per key)."""
     W = topology.world_size
-    o_OD = torch.arange(W).view(W, 1).expand(W, W)
-    d_OD = torch.arange(W).view(1, W).expand(W, W)
-    holder_OD = o_OD.clone()
     out = []
-    for st in topology.stages(strategy):
-        S, div = topology.group_size(st), topology.stride(st.hi)
-        member_OD = topology.member_of(d_OD, st)
-        cell_OD = holder_OD * S + member_OD
-        # A de-duplicated stage's rows are per level-hi subtree: the cell depends on d // div only.
-        key_div = div if st.dedup else 1
-        reps = torch.arange(0, W, key_div)
-        cell_OG = cell_OD[:, reps].contiguous()
-        own = topology.member_of(torch.arange(W), st)
+    for st, cell_OD in zip(topology.stages(strategy), sr.cells(topology, strategy)):
+        S, key_div = topology.group_size(st), sr.key_divisor(topology, st)
+        cell_OG = cell_OD[:, torch.arange(0, W, key_div)].contiguous()  # a row's cell depends on its key only
         offdiag = torch.ones(W, S, dtype=torch.bool)
-        offdiag[torch.arange(W), own] = False
+        offdiag[torch.arange(W), sr.own_member(topology, st)] = False
         out.append(StageCells(st, S, key_div, cell_OG, offdiag.view(-1)))
-        holder_OD = holder_OD + (member_OD - topology.member_of(holder_OD, st)) * div
     return out
 
 
@@ -163,9 +152,11 @@ def _valid(ids_NK: torch.Tensor, rank_of_E: torch.Tensor):
 def stage_counts(
     ids_NK: torch.Tensor, origin_N: torch.Tensor, rank_of_E: torch.Tensor, topology: Topology, strategy: str
 ) -> list[torch.Tensor]:
-    """Rows per cell for every stage: one int64 [C] (= [W, S] flattened) per stage."""
-    return [_summarise(ids_NK, origin_N, rank_of_E, sc, topology.world_size, with_pairs=False).base_C
-            for sc in stage_cells(topology, strategy)]
+    """Rows per cell for every stage: one int64 [C] (= [W, S] flattened) per stage (``stage_rows``)."""
+    valid_NK, _, d_NK = _valid(ids_NK, rank_of_E)
+    dest_NK = torch.where(valid_NK, d_NK, -1)
+    per_origin = [dest_NK[origin_N == o] for o in range(topology.world_size)]
+    return [c.reshape(-1) for c in sr.stage_rows(per_origin, topology, strategy)]
 
 
 @dataclass
@@ -206,9 +197,9 @@ def _incidence(ids_NK: torch.Tensor, origin_N: torch.Tensor, E: int, W: int) -> 
     return _Incidence(M, tuple(bounds))
 
 
-def _summarise(ids_NK, origin_N, rank_of_E, sc: StageCells, W: int, with_pairs: bool = True,
+def _summarise(ids_NK, origin_N, rank_of_E, sc: StageCells, W: int, base_C: torch.Tensor,
                inc: _Incidence | None = None) -> _Summary:
-    """The stage's rows per cell now and, ``with_pairs``, the delta rule's statistics.
+    """The delta rule's statistics of one stage whose rows per cell now are ``base_C`` (int64 [C]).
 
     De-duplicated stages work per origin rank on the incidence ``M`` [n, E]: ``c = M @ onehot(key)``
     [n, G] (selections per key), ``A = M * (c[:, key] == 1)`` (selections alone under their key),
@@ -221,40 +212,29 @@ def _summarise(ids_NK, origin_N, rank_of_E, sc: StageCells, W: int, with_pairs: 
     cell_OG = sc.cell_OG.to(dev)
     G = cell_OG.shape[1]
     key_E = rank_of_E // sc.key_div
-    C = sc.num_cells
+    summary = _Summary(sc, base_C, key_E)
     if not sc.stage.dedup:
-        valid_NK, x_NK, d_NK = _valid(ids_NK, rank_of_E)
-        g_NK = d_NK // sc.key_div
+        valid_NK, x_NK, _ = _valid(ids_NK, rank_of_E)
         o_NK = origin_N.view(N, 1).expand(N, K)
-        base = torch.bincount(cell_OG[o_NK[valid_NK], g_NK[valid_NK]], minlength=C)
-        summary = _Summary(sc, base, key_E)
-        if with_pairs:
-            sel = torch.bincount(x_NK[valid_NK] * W + o_NK[valid_NK], minlength=E * W)
-            summary.sel_EW = sel.view(E, W)
+        summary.sel_EW = torch.bincount(x_NK[valid_NK] * W + o_NK[valid_NK], minlength=E * W).view(E, W)
         return summary
     if inc is None:
         inc = _incidence(ids_NK, origin_N, E, W)
     dtype = inc.M_NE.dtype
     onehot_EG = (key_E.view(E, 1) == torch.arange(G, device=dev).view(1, G)).to(dtype)
-    hits, lone, gain, both = [], [], [], []
+    lone, gain, both = [], [], []
     for o in range(W):
         M = inc.M_NE[inc.bounds[o] : inc.bounds[o + 1]]
-        c = M @ onehot_EG  # [n, G]
-        hits.append((c > 0).sum(0))
-        if not with_pairs:
-            continue
+        c = M @ onehot_EG  # [n, G] selections per key
         A = M * (c[:, key_E] == 1)
         lone.append(A.sum(0))
         gain.append(M.T @ (c == 0).to(dtype))
         both.append(A.T @ M)
-    base = torch.zeros(C, dtype=torch.int64, device=dev).index_add_(0, cell_OG.reshape(-1), torch.stack(hits).view(-1))
-    summary = _Summary(sc, base, key_E)
-    if with_pairs:
-        summary.lone_EW = torch.stack(lone, dim=1).to(torch.int64)
-        summary.gain_EGW = torch.stack(gain, dim=2).to(torch.int64)
-        both_EEW = torch.stack(both, dim=2).to(torch.int64)
-        both_EEW.diagonal(dim1=0, dim2=1).zero_()
-        summary.both_EEW = both_EEW
+    summary.lone_EW = torch.stack(lone, dim=1).to(torch.int64)
+    summary.gain_EGW = torch.stack(gain, dim=2).to(torch.int64)
+    both_EEW = torch.stack(both, dim=2).to(torch.int64)
+    both_EEW.diagonal(dim1=0, dim2=1).zero_()
+    summary.both_EEW = both_EEW
     return summary
 
 
@@ -276,21 +256,27 @@ def _pair_counts(s: _Summary, rank_of_E: torch.Tensor, a_P: torch.Tensor, b_P: t
     return out
 
 
-def pair_stage_counts(
+def summaries(
     ids_NK: torch.Tensor,
     origin_N: torch.Tensor,
     rank_of_E: torch.Tensor,
     topology: Topology,
     strategy: str,
-    pairs_P2: torch.Tensor,
-) -> list[torch.Tensor]:
-    """Rows per cell after exchanging each pair, by the delta rule: one int64 [P, C] per stage."""
-    pairs_P2 = pairs_P2.to(ids_NK.device)
+    inc: _Incidence | None = None,
+) -> list[_Summary]:
+    """The delta rule's statistics of every stage of ``strategy`` (see ``_summarise``)."""
     W = topology.world_size
-    return [
-        _pair_counts(_summarise(ids_NK, origin_N, rank_of_E, sc, W), rank_of_E, pairs_P2[:, 0], pairs_P2[:, 1])
-        for sc in stage_cells(topology, strategy)
-    ]
+    base = stage_counts(ids_NK, origin_N, rank_of_E, topology, strategy)
+    cells = list(zip(stage_cells(topology, strategy), base))
+    if inc is None and any(sc.stage.dedup for sc, _ in cells):
+        inc = _incidence(ids_NK, origin_N, rank_of_E.numel(), W)
+    return [_summarise(ids_NK, origin_N, rank_of_E, sc, W, b, inc=inc) for sc, b in cells]
+
+
+def pair_stage_counts(stats: list[_Summary], rank_of_E: torch.Tensor, pairs_P2: torch.Tensor) -> list[torch.Tensor]:
+    """Rows per cell after exchanging each pair, by the delta rule: one int64 [P, C] per summary."""
+    pairs_P2 = pairs_P2.to(rank_of_E.device)
+    return [_pair_counts(s, rank_of_E, pairs_P2[:, 0], pairs_P2[:, 1]) for s in stats]
 
 
 def candidate_pairs(rank_of_E: torch.Tensor, exclude: set[int] | frozenset = frozenset()) -> torch.Tensor:
@@ -348,10 +334,8 @@ class Objective:
                  costs: PlannerCosts, incidence: _Incidence | None = None, sel_E: torch.Tensor | None = None):
         self.window, self.rank_of_E, self.topology, self.costs = window, rank_of_E, topology, costs
         W = topology.world_size
-        cells = [sc for sc in stage_cells(topology, strategy) if sc.group_size > 1]
-        if incidence is None and any(sc.stage.dedup for sc in cells):
-            incidence = window_incidence(window, rank_of_E.numel(), W)
-        self.summaries = [_summarise(window.ids_NK, window.origin_N, rank_of_E, sc, W, inc=incidence) for sc in cells]
+        every = summaries(window.ids_NK, window.origin_N, rank_of_E, topology, strategy, incidence)
+        self.summaries = [s for s in every if s.cells.group_size > 1]  # groups of one cost nothing
         self.sel_E = selections_per_expert(window.ids_NK, rank_of_E.numel()) if sel_E is None else sel_E
         self.load_W = loads_per_rank(self.sel_E, rank_of_E, W)
         f = window.rows_scale
@@ -375,7 +359,7 @@ class Objective:
         out = []
         for chunk in pairs_P2.split(PAIR_CHUNK):
             a, b = chunk[:, 0], chunk[:, 1]
-            counts = [_pair_counts(s, self.rank_of_E, a, b) for s in self.summaries]
+            counts = pair_stage_counts(self.summaries, self.rank_of_E, chunk)
             load = self.load_W.view(1, -1).repeat(chunk.shape[0], 1)
             moved = self.sel_E[a] - self.sel_E[b]
             load.scatter_add_(1, self.rank_of_E[a].view(-1, 1), -moved.view(-1, 1))

@@ -38,7 +38,8 @@ from hiermoe_hf.runtime.registry import is_patched, runtime_of
 from hiermoe_hf.topology import Topology, levels_from_launcher, parse_levels
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, expert_parameter_names, keep_experts_out_of_ddp
-from hiermoe_hf.training.traffic import TrafficMeter, summarize
+from hiermoe_hf.training.step_hook import after_optimizer_step
+from hiermoe_hf.training.traffic import TrafficMeter
 
 ENV_PREFIX = "HIERMOE_"
 _INT_FIELDS = ("swap_interval", "swap_pairs")
@@ -230,14 +231,9 @@ class HierMoEPlugin:
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.step += 1
-        if self.swap_interval and self.step % self.swap_interval == 0:
-            from hiermoe_hf.swap.round import swap_experts
-
-            records = swap_experts(self.model, optimizer=self.optimizer)
-            self.swaps_done += len(records)
-            divide_expert_grads_by_world(self.model)  # in case a swap rebuilt a parameter object
-        counts = self._meter.pop(reduce=True)  # collective: every rank steps together
-        self.metrics = _flat_metrics(counts, self.step, self.swaps_done)
+        self.swaps_done, self.metrics = after_optimizer_step(
+            self.model, self.optimizer, self.step, self.swap_interval, self._meter, self.swaps_done
+        )
         self.accelerator.log(self.metrics, step=self.step)
 
     # ---- save_state / load_state -------------------------------------------------------------------------------
@@ -278,13 +274,3 @@ def _repoint(optimizer: torch.optim.Optimizer, replaced: dict[int, torch.nn.Para
                         "(or after patching) and pass it to HierMoEPlugin.prepare"
                     )
                 group["params"][i] = replaced[id(p)]
-
-
-def _flat_metrics(counts: dict, step: int, swaps_done: int) -> dict[str, float]:
-    """Scalars for trackers: counters summed over ranks for this optimizer step, plus run totals."""
-    out = {f"hiermoe/{k}": v for k, v in counts.items() if k != "strategies"}
-    out.update({f"hiermoe/{k}": v for k, v in summarize(counts).items()})
-    out.update({f"hiermoe/strategy/{name}": n for name, n in sorted(counts["strategies"].items())})
-    out["hiermoe/swaps_done"] = swaps_done
-    out["hiermoe/step"] = step
-    return out

@@ -2,10 +2,10 @@
 
 ``stats`` reports what the last exchange moved per stage, but strategies with one flat stage
 (``a2a``, ``hd1``) do not separate the rows that crossed nodes, and nothing reports what ``a2a``
-*would* have sent. Both follow exactly from the routing (DESIGN.md section 5): a2a sends one row
-per (token, expert) on another node, hd1 one per (token, remote rank), hdD (D >= 2) one per
-(token, remote node). ``TrafficMeter`` counts them for every MoE forward from the experts module's
-inputs, so gradient accumulation and any number of forwards per step are covered.
+*would* have sent. Both follow exactly from the routing (DESIGN.md section 5), counted by
+``exchange.stage_rows``: a2a sends one row per (token, expert) on another node, hd1 one per (token,
+remote rank), hdD (D >= 2) one per (token, remote node). ``TrafficMeter`` counts them for every
+MoE forward from the experts module's inputs, so gradient accumulation and any number of forwards per step are covered.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
+from hiermoe_hf.exchange.stage_rows import crossing_rows, sent_rows, stage_rows
 from hiermoe_hf.runtime.registry import LAYER_ATTR, moe_layers, runtime_of
 from hiermoe_hf.topology import Topology
 
@@ -31,24 +32,13 @@ FIELDS = (
 
 
 def inter_node_rows(dest_rank_TK: torch.Tensor, topology: Topology, rank: int, strategy: str) -> int:
-    """Rows leaving ``rank``'s node in one dispatch of ``strategy``, from the destination ranks [T, K].
-
-    A one-level topology is one node (nothing crosses). Negative destinations are ignored.
-    """
+    """Rows of ``rank``'s tokens that cross nodes in one dispatch of ``strategy`` (any stage), from
+    the destination ranks [T, K] (-1: none), by ``exchange.stage_rows``. A one-level topology is one
+    node (nothing crosses)."""
     if topology.depth < 2 or strategy == "local":
         return 0
-    per_node = topology.stride(1)
-    valid = dest_rank_TK >= 0
-    node_TK = torch.where(valid, dest_rank_TK // per_node, -1)
-    remote_TK = valid & (node_TK != rank // per_node)
-    if strategy in ("a2a", "2dh"):  # one row per (token, expert), de-duplication none
-        return int(remote_TK.sum())
-    key_TK = dest_rank_TK if strategy == "hd1" else node_TK  # hd1: per rank; hdD: per node
-    key_TK = torch.where(remote_TK, key_TK, -1)
-    sorted_TK = key_TK.sort(dim=1).values
-    first = torch.ones_like(sorted_TK[:, :1], dtype=torch.bool)
-    new_TK = torch.cat([first, sorted_TK[:, 1:] != sorted_TK[:, :-1]], dim=1)
-    return int((new_TK & (sorted_TK >= 0)).sum())
+    counts = stage_rows(dest_rank_TK, topology, strategy, origins=[rank])
+    return int(sum(crossing_rows(c, topology, st) for st, c in zip(topology.stages(strategy), counts)))
 
 
 class TrafficMeter:
@@ -88,12 +78,14 @@ class TrafficMeter:
         row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
         actual = inter_node_rows(dest_TK, rt.topology, rt.rank, strategy)
         a2a = inter_node_rows(dest_TK, rt.topology, rt.rank, "a2a")
+        (flat,) = rt.topology.stages("a2a")
+        (a2a_counts,) = stage_rows(dest_TK, rt.topology, "a2a", origins=[rt.rank])
         self.counts["inter_node_rows"] += actual
         self.counts["a2a_inter_node_rows"] += a2a
         self.counts["inter_node_bytes"] += actual * row_bytes
         self.counts["a2a_inter_node_bytes"] += a2a * row_bytes
         self.counts["rows_sent"] += sum(s["rows_sent"] for s in last.stages)
-        self.counts["a2a_rows_sent"] += int((valid & (dest_TK != rt.rank)).sum())
+        self.counts["a2a_rows_sent"] += int(sent_rows(a2a_counts, rt.topology, flat).sum())
 
     def pop(self, reduce: bool = False) -> dict:
         counts = dict(self.counts)

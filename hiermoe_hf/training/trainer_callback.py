@@ -29,8 +29,9 @@ from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.runtime.patch import patch
 from hiermoe_hf.runtime.registry import is_patched, runtime_of
 from hiermoe_hf.training import grad_clip
-from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin, _flat_metrics
+from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, keep_experts_out_of_ddp
+from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
 
 _TRAINER_MODULE = "transformers.trainer"  # Trainer._save lives here; its model save runs on rank 0 only
@@ -109,13 +110,9 @@ class HierMoECallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.step += 1
-        if self.settings.swap_interval and self.step % self.settings.swap_interval == 0:
-            from hiermoe_hf.swap.round import swap_experts
-
-            inner = getattr(optimizer, "optimizer", optimizer)
-            self.swaps_done += len(swap_experts(self.model, optimizer=inner))
-            divide_expert_grads_by_world(self.model)
-        self.metrics = _flat_metrics(self._meter.pop(reduce=True), self.step, self.swaps_done)
+        self.swaps_done, self.metrics = after_optimizer_step(
+            self.model, optimizer, self.step, self.settings.swap_interval, self._meter, self.swaps_done
+        )
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):

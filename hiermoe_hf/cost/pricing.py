@@ -1,0 +1,68 @@
+"""Seconds for a strategy's stages, from their row counts and the cost model's constants (DESIGN.md 7).
+
+``forward_exchange_times`` is the one price of one layer's forward exchange (dispatch + combine)
+that ``dispatch="auto"``, the planner and the swap objective all use, so the planner's choice is
+``auto``'s choice on the same routing.
+
+Shapes: W ranks, S group members; counts ``[W, S]`` per stage as ``exchange.stage_rows`` gives them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from hiermoe_hf.cost.model import CostModel
+from hiermoe_hf.exchange.stage_rows import max_peer_rows, packed_rows
+from hiermoe_hf.topology import Topology
+
+# One layer's forward exchange per stage: the dispatcher's dispatch (counts, rows, route metadata:
+# 3 collectives) and combine (rows back: 1), so 4 latencies, the rows' bytes twice, and one local
+# pack + unpack of the stage's rows.
+FORWARD_LATENCIES = 4
+FORWARD_EXCHANGES = 2
+FORWARD_LOCAL_UNITS = 1
+
+
+def predict_stage_times(
+    counts: Sequence[torch.Tensor],
+    topology: Topology,
+    strategy: str,
+    row_bytes: float,
+    cost_model: CostModel,
+    latency_terms: float = 1,
+    exchanges: float = 1.0,
+    local_units: float = 0.0,
+) -> list[float]:
+    """Seconds per stage.
+
+    latency_terms * alpha + exchanges * S * (largest per-peer rows * row_bytes) * beta (0 for
+    groups of one), plus local_units * the local pack+unpack time of the most rows any rank packs.
+    Defaults: one exchange of the rows, network only.
+    """
+    stages = topology.stages(strategy)
+    if len(counts) != len(stages):
+        raise ValueError(f"{len(counts)} count matrices for the {len(stages)} stages of {strategy!r}")
+    out = []
+    for st, c in zip(stages, counts):
+        t = 0.0
+        if topology.group_size(st) > 1:
+            k = cost_model.stage_cost(st)
+            t = (
+                latency_terms * k.alpha
+                + exchanges * topology.group_size(st) * max_peer_rows(c, topology, st) * row_bytes * k.beta
+            )
+        if local_units:
+            t += local_units * cost_model.local_time(packed_rows(c) * row_bytes)
+        out.append(t)
+    return out
+
+
+def forward_exchange_times(
+    counts: Sequence[torch.Tensor], topology: Topology, strategy: str, row_bytes: float, cost_model: CostModel
+) -> list[float]:
+    """Seconds per stage of one layer's forward exchange (dispatch + combine) of ``strategy``."""
+    return predict_stage_times(
+        counts, topology, strategy, row_bytes, cost_model, FORWARD_LATENCIES, FORWARD_EXCHANGES, FORWARD_LOCAL_UNITS
+    )
