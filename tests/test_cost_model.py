@@ -208,3 +208,29 @@ def test_defaults_and_presets():
         cm.load_cost_model("no-such-preset", T22)
     with pytest.raises(ValueError, match="no constants for stage 'level-1'"):
         d.stage_cost(Topology((2, 2, 2)).stages("hd3")[1])
+
+
+@pytest.mark.parametrize("levels", [(2, 2), (1, 4), (4, 1), (2, 2, 2)], ids=lambda v: "x".join(map(str, v)))
+def test_kernel_layouts_pack_what_stage_rows_counts(levels):
+    """The dispatcher's layout kernel (``reference.stage_layout``), run on every rank's rows with the
+    exchange simulated in one process, packs per stage exactly the [W, S] rows ``stage_rows`` counts."""
+    from hiermoe_hf.kernels import reference
+
+    topo = Topology(levels)
+    W, K = topo.world_size, 3
+    g = torch.Generator().manual_seed(7)
+    dests = [torch.randint(-1, W, (int(torch.randint(0, 6, (1,), generator=g)), K), generator=g) for _ in range(W)]
+    for strategy in topo.strategies():
+        held = [d.clone() for d in dests]  # rows each rank holds: their carried destination ranks
+        for stage, want_WS in zip(topo.stages(strategy), sr.stage_rows(dests, topo, strategy)):
+            S, div = topo.group_size(stage), topo.stride(stage.hi)
+            inbox = [[] for _ in range(W)]
+            for r in range(W):
+                lay = reference.stage_layout(held[r], div, S, stage.dedup)
+                assert lay.send_counts_S.tolist() == want_WS[r].tolist(), (strategy, stage.name, r)
+                ids, _ = reference.pack_route(held[r], torch.zeros_like(held[r], dtype=torch.float32),
+                                              lay.src_row_P, lay.mask_PK)
+                for part, m in zip(ids.split(lay.send_counts_S.tolist()), range(S)):
+                    inbox[r + (m - int(topo.member_of(r, stage))) * div].append(part)
+            held = [torch.cat(parts) if parts else torch.zeros(0, K, dtype=torch.int64) for parts in inbox]
+        assert all(bool((h[h >= 0] == r).all()) for r, h in enumerate(held))  # every selection arrived home
