@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_hf.exchange.stage_rows import crossing_rows, sent_rows, stage_rows
-from hiermoe_hf.runtime.registry import LAYER_ATTR, moe_layers, runtime_of
+from hiermoe_hf.runtime.registry import LAYER_ATTR, moe_layers, runtime_of, world
 from hiermoe_hf.topology import Topology
 
 # Numeric counters, in the order they travel in the cross-rank sum.
@@ -89,7 +89,7 @@ class TrafficMeter:
 
     def pop(self, reduce: bool = False) -> dict:
         counts = dict(self.counts)
-        if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if reduce and world()[0] > 1:
             device = self._probe.device if self._probe is not None else torch.device("cpu")
             t = torch.tensor([counts[f] for f in FIELDS], dtype=torch.float64, device=device)
             dist.all_reduce(t)

@@ -28,6 +28,7 @@ from transformers import TrainerCallback
 from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.runtime.patch import patch
 from hiermoe_hf.runtime.registry import is_patched, runtime_of
+from hiermoe_hf.runtime.registry import world as world_and_rank
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, keep_experts_out_of_ddp
@@ -66,7 +67,7 @@ class HierMoECallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("HierMoECallback needs Trainer(model=...); model_init is not supported")
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world, _ = world_and_rank()
         if world != args.world_size:
             raise ValueError(
                 f"TrainingArguments see {args.world_size} processes but the default process group has {world}"
@@ -125,7 +126,7 @@ class HierMoECallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         # Every rank gets here after the Trainer's rank-0 save: do the collective model save now.
         target = [self._deferred_dir]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_and_rank()[0] > 1:
             dist.broadcast_object_list(target, src=0)
         self._deferred_dir = None
         if target[0] is not None:
