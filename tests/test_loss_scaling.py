@@ -92,6 +92,7 @@ def _reference_logits():
 @pytest.mark.parametrize("where", ["expert", "dense"])
 def test_hand_loop_grad_scaler_skips_on_every_rank(ranks, where):
     results = ranks(2).run(hand_loop_job, where)
+    assert len(results) == 2  # a pool closed by an earlier timeout answers []
     want = _reference_logits()
     for scales, logits in results:
         assert scales == [INIT_SCALE / 2, INIT_SCALE / 2]
@@ -100,6 +101,7 @@ def test_hand_loop_grad_scaler_skips_on_every_rank(ranks, where):
 
 def test_plugin_grad_scaler_skips_on_every_rank_without_hanging(ranks):
     results = ranks(2).run(plugin_job, timeout=60)  # before issue 12: the step hook's collective hung
+    assert len(results) == 2  # a pool closed by an earlier timeout answers []
     want = _reference_logits()
     for scales, logits, skipped, plugin_steps in results:
         assert scales == [INIT_SCALE / 2, INIT_SCALE / 2] and skipped == [True, False] and plugin_steps == 1
@@ -139,7 +141,7 @@ def trainer_job(output_dir):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     args = TrainingArguments(
-        output_dir=output_dir, max_steps=2, per_device_train_batch_size=TR_B, learning_rate=LR, max_grad_norm=0.1,
+        output_dir=output_dir, max_steps=2, per_device_train_batch_size=TR_B, learning_rate=LR, max_grad_norm=0.0,
         optim="adamw_torch", lr_scheduler_type="constant", weight_decay=0.0, save_strategy="no", report_to="none",
         use_cpu=True, disable_tqdm=True, dataloader_drop_last=True, seed=0,
     )
@@ -156,11 +158,11 @@ def trainer_job(output_dir):
 def test_trainer_callback_grad_scaler_skips_on_every_rank(ranks):
     with tempfile.TemporaryDirectory() as tmp:
         results = ranks(2).run(trainer_job, tmp, timeout=120)
+        assert len(results) == 2  # a pool closed by an earlier timeout answers []
     ref = build_model(tiny_qwen3_moe_config(output_router_logits=False)).train()
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
     batch = _row().expand(2 * TR_B, TR_L)
     ref(input_ids=batch, labels=batch).loss.backward()  # the one step that was taken
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
     opt.step()
     with torch.no_grad():
         want = ref.eval()(probe()).logits

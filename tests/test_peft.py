@@ -78,6 +78,7 @@ def test_lora_under_ddp_trains_saves_and_merges_like_one_process(ranks, order):
     ref, want = _reference()
     with tempfile.TemporaryDirectory() as tmp:
         results = ranks(2).run(peft_job, order, tmp)
+        assert len(results) == 2  # a pool closed by an earlier timeout answers []
         adapter = load_file(os.path.join(tmp, "adapter", "adapter_model.safetensors"))
         merged = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "merged")).eval()
     for logits in results:

@@ -75,6 +75,7 @@ def test_trainer_resume_from_checkpoint_equals_the_uninterrupted_run(ranks):
         bare = os.path.join(tmp, "bare")
         shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns("hiermoe_rank*"))
         refused = pool.run(trainer_job, os.path.join(tmp, "refused"), bare, 7)
+    assert len(full) == len(resumed) == len(refused) == 2
     for (logits, placements, routing, step, swaps), (r_logits, r_placements, r_routing, r_step, r_swaps) in zip(
         full, resumed
     ):
