@@ -6,18 +6,26 @@ everywhere would silently give every rank rank 0's experts. So each rank writes 
 its expert slices, their optimizer state, the placements (swaps change them), the routing history
 that the next swap decision reads, and the swap log. On load, hooks on the experts modules and on
 the optimizer substitute these entries into whatever state dict is being loaded, so Accelerate's
-own loading code does the rest unchanged.
+own loading code does the rest unchanged. The Trainer loads its checkpoint before any hook could
+stage anything, so ``restore_now`` applies a file to the live model and optimizer instead.
+
+The files hold only tensors, numbers, strings, lists and dicts (the swap log as JSON text) and are
+read with ``torch.load(weights_only=True)``: a resume folder copied from elsewhere cannot run code.
+Files of format 1 (pickled swap records) are read only by ``convert_pickled``, an explicit opt-in
+for folders you trust.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 
 import torch
 
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
-FORMAT = 1
+FORMAT = 2
 
 
 def rank_file(directory: str | os.PathLike, rank: int, world_size: int) -> str:
@@ -62,14 +70,14 @@ class RankStateStore:
                 "placement": layer.placement.state_dict(),
                 "params": {p: getattr(experts, p).detach().cpu() for p in layer.param_names},
                 "routing": layer.routing.state_dict(),
-                "swaps": list(layer.swaps),
+                "swaps": json.dumps(list(layer.swaps)),
             }
-        optimizer_state = {}
+        optimizer_state: dict[str, dict] = {}  # layer -> parameter -> its optimizer state
         if self.optimizer is not None:
             state = self.optimizer.state_dict()["state"]
-            optimizer_state = {
-                where: _to_cpu(state[i]) for i, where in self._expert_indices().items() if i in state
-            }
+            for i, (lname, pname) in self._expert_indices().items():
+                if i in state:
+                    optimizer_state.setdefault(lname, {})[pname] = _to_cpu(state[i])
         payload = {
             "format": FORMAT,
             "rank": rt.rank,
@@ -103,9 +111,7 @@ class RankStateStore:
                 f"with HierMoEPlugin (found: {', '.join(found) or 'no hiermoe_rank* files'}); resume with the "
                 "world size it was saved with"
             )
-        payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: swap records pickle
-        if payload.get("format") != FORMAT:
-            raise ValueError(f"{path} has format {payload.get('format')!r}; this version reads format {FORMAT}")
+        payload = read_rank_file(path)
         if payload["topology"] != list(rt.topology.levels):
             raise ValueError(
                 f"{path} was saved with topology {'x'.join(map(str, payload['topology']))}; this run uses "
@@ -122,10 +128,26 @@ class RankStateStore:
             layer.placement.load_state_dict(saved["placement"])
             device = getattr(experts, layer.param_names[0]).device
             layer.routing.load_state_dict(saved["routing"], device)
-            layer.swaps[:] = saved["swaps"]
+            layer.swaps[:] = json.loads(saved["swaps"])
             self._pending_params[name] = saved["params"]
-        self._pending_optimizer = payload["optimizer"] if self.optimizer is not None else None
+        self._pending_optimizer = (
+            {(lname, pname): st for lname, per in payload["optimizer"].items() for pname, st in per.items()}
+            if self.optimizer is not None else None
+        )
         return payload["extra"]
+
+    def restore_now(self, directory: str | os.PathLike) -> dict:
+        """``begin_load`` and apply it at once: this rank's expert slices into the model, their
+        optimizer state into the optimizer (for a Trainer that has already loaded rank 0's copies)."""
+        extra = self.begin_load(directory)
+        with torch.no_grad():
+            for name, (experts, _) in moe_layers(self.model).items():
+                for pname, tensor in self._pending_params.pop(name).items():
+                    getattr(experts, pname).copy_(tensor)
+        self._pending_params = None
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(self.optimizer.state_dict())  # the pre-hook swaps in this rank's state
+        return extra
 
     def _module_pre_hook(self, layer_name: str):
         def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -154,6 +176,46 @@ class RankStateStore:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def read_rank_file(path: str) -> dict:
+    """A format-2 rank file, read without unpickling code (``weights_only=True``)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds objects beyond tensors and plain data (an older, pickled HierMoE rank file, or a file "
+            f"that is not one), so it was not loaded: unpickling it could run code. If you trust this folder, "
+            f"convert it once with hiermoe_hf.checkpoint.rank_state.convert_pickled({os.path.dirname(path)!r}) "
+            f"and resume again ({str(err).splitlines()[0]})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} has format {found!r}; this version reads format {FORMAT}")
+    return payload
+
+
+def convert_pickled(directory: str | os.PathLike) -> list[str]:
+    """Rewrite the format-1 (pickled) rank files in ``directory`` as format 2. This unpickles them
+    (``weights_only=False``), which can run code: call it only on a folder you trust."""
+    done = []
+    for fname in sorted(os.listdir(directory)):
+        if not (fname.startswith("hiermoe_rank") and fname.endswith(".pt")):
+            continue
+        path = os.path.join(directory, fname)
+        old = torch.load(path, map_location="cpu", weights_only=False)  # the explicit opt-in
+        if old.get("format") != 1:
+            continue
+        for saved in old["layers"].values():
+            saved["swaps"] = json.dumps(list(saved["swaps"]))
+        optimizer: dict[str, dict] = {}
+        for (lname, pname), state in old["optimizer"].items():
+            optimizer.setdefault(lname, {})[pname] = state
+        new = {**old, "format": FORMAT, "optimizer": optimizer}
+        torch.save(new, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+        done.append(path)
+    return done
 
 
 def _to_cpu(value):

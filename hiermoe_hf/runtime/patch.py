@@ -13,10 +13,12 @@ from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
+from hiermoe_hf.runtime import guards, registry
 from hiermoe_hf.runtime.forward import experts_forward
 from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, world
 from hiermoe_hf.runtime.state import LayerState, Runtime
 from hiermoe_hf.topology import Topology
+from hiermoe_hf.training import ddp
 
 
 def _shard(experts: torch.nn.Module, names: tuple[str, ...], local_ids: torch.Tensor) -> None:
@@ -30,8 +32,11 @@ def _shard(experts: torch.nn.Module, names: tuple[str, ...], local_ids: torch.Te
 def patch(model: torch.nn.Module, config: HierMoEConfig | None = None) -> torch.nn.Module:
     """Shard the routed experts over the default process group and route tokens hierarchically.
 
-    Collective: every rank calls it with the same model and config. Patching twice is a no-op.
-    Create the optimizer afterwards (expert parameters are replaced by their local slices).
+    Collective: every rank calls it with the same model and config. Patching again with the same
+    config (or none) is a no-op; with a different config it raises. Create the optimizer afterwards
+    (expert parameters are replaced by their local slices). ``model`` may be a PEFT model (its base
+    model is patched, PEFT's own ``save_pretrained`` stays). Wrap the result in DDP afterwards: the
+    expert slices are already on DDP's ignore list and their gradients scaled by 1/W (section 6).
     """
     return patch_experts(model, config, experts_are_local=False)
 
@@ -39,11 +44,19 @@ def patch(model: torch.nn.Module, config: HierMoEConfig | None = None) -> torch.
 def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_are_local: bool) -> torch.nn.Module:
     """``patch``; ``experts_are_local``: the experts modules already hold only this rank's slots
     (``hiermoe_hf.from_pretrained`` loaded them so), in the contiguous placement."""
+    if config is not None and not isinstance(config, HierMoEConfig):
+        raise TypeError(f"config must be a hiermoe_hf.HierMoEConfig, got {type(config).__name__}")
     if is_patched(model):
+        current = runtime_of(model).config
+        if config is not None and config != current:
+            raise ValueError(
+                f"this model is already patched with {current}; patching it again with {config} would be ignored. "
+                "Call hiermoe_hf.unpatch(model) first to change the configuration"
+            )
         return model
     config = config or HierMoEConfig()
-    if not isinstance(config, HierMoEConfig):
-        raise TypeError(f"config must be a hiermoe_hf.HierMoEConfig, got {type(config).__name__}")
+    guards.refuse_wrappers(model)
+    outer, model = model, guards.patch_target(model)
     adapter = patches.adapter_for(getattr(model, "config", None))
     world_size, rank = world()
     topology = Topology.resolve(config.topology, world_size)
@@ -62,6 +75,7 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
     runtime = Runtime(config, topology, rank, groups, adapter.MODEL_TYPE, load_cost_model(config.cost_model, topology))
     for name, block in blocks:
         experts = block.experts
+        guards.refuse_adapted_experts(experts, name)
         layer = LayerState(name, runtime, Placement.contiguous(num_experts, world_size), adapter.EXPERT_PARAMS)
         if world_size > 1 and not experts_are_local:
             _shard(experts, layer.param_names, layer.local_logical())
@@ -69,7 +83,12 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
         experts.forward = types.MethodType(experts_forward, experts)
     setattr(model, STATE_ATTR, runtime)
     model.save_pretrained = types.MethodType(save_pretrained, model)  # collective, logical expert order
-    return model
+    if world_size > 1:
+        # Section 6 under any wrapper built later: DDP leaves the slices alone, their grads get 1/W.
+        ddp.keep_experts_out_of_ddp(model)
+        ddp.divide_expert_grads_by_world(model)
+        guards.install_synced_generate(model)
+    return outer
 
 
 def _gather_full(local: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -81,8 +100,15 @@ def _gather_full(local: torch.Tensor, placement: Placement) -> torch.Tensor:
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Gather the full experts back (collective) and restore Transformers' forward on every block."""
+    """Gather the full experts back (collective) and restore Transformers' forward on every block.
+
+    The expert parameters are new objects afterwards: an optimizer built on the patched model still
+    holds the slices and would silently stop updating the experts; build a new optimizer.
+    """
     rt = runtime_of(model)
+    outer, model = model, registry.unwrap(model)
+    ddp.release(model)
+    guards.remove_synced_generate(model)
     for _, (experts, layer) in moe_layers(model).items():
         if rt.world_size > 1:
             for name in layer.param_names:
@@ -93,4 +119,4 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         delattr(experts, LAYER_ATTR)
     delattr(model, STATE_ATTR)
     model.__dict__.pop("save_pretrained", None)  # back to Transformers' own save
-    return model
+    return outer

@@ -38,6 +38,7 @@ from hiermoe_hf.runtime.registry import is_patched, runtime_of
 from hiermoe_hf.topology import Topology, levels_from_launcher, parse_levels
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, expert_parameter_names, keep_experts_out_of_ddp
+from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
 
@@ -216,7 +217,8 @@ class HierMoEPlugin:
         self._store = RankStateStore(model, self.optimizer)
         if self.optimizer is not None:
             # Fires only when the wrapped optimizer really steps: not on accumulation micro-steps, not when
-            # a GradScaler skips a step with inf/nan grads.
+            # a GradScaler skips a step with inf/nan grads, which agree_before_unscale makes the same on all ranks.
+            agree_before_unscale(optimizer.scaler, model)
             self.optimizer.register_step_post_hook(self._after_optimizer_step)
         accelerator.register_save_state_pre_hook(self._save_state_hook)
         accelerator.register_load_state_pre_hook(self._load_state_hook)

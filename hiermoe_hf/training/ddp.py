@@ -4,6 +4,10 @@ DDP averages every gradient over the ranks and, at construction, copies rank 0's
 ranks. Expert slices differ per rank, and their gradients already sum every rank's tokens (the
 combine's backward brings them home), so DDP must leave them alone and they must be divided by W
 instead of averaged. Dense parameters keep DDP's usual treatment.
+
+``patch`` applies both (the ignore list and the 1/W gradient hooks) itself, so any DDP wrapper built
+afterwards is exact: a hand-made ``DistributedDataParallel``, Accelerate's or the Trainer's. Both
+steps are idempotent, so the plugin, the callback and ``all_reduce_gradients`` never scale twice.
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from hiermoe_hf.runtime.registry import runtime_of
+from hiermoe_hf.runtime.registry import runtime_of, unwrap
 from hiermoe_hf.training.gradients import expert_parameters
 
 _HOOKS_ATTR = "_hiermoe_grad_hooks"
+_IGNORED_ATTR = "_hiermoe_ddp_ignored"  # the names this library put on DDP's ignore list
+# DDP names parameters relative to the module it wraps: the patched model itself, or a PeftModel
+# around it (PeftModel.base_model.model is the patched model), or torch.compile's wrapper.
+WRAPPER_PREFIXES = ("", "base_model.model.", "_orig_mod.", "_orig_mod.base_model.model.")
 
 
 def expert_parameter_names(model: torch.nn.Module) -> list[str]:
@@ -26,13 +34,20 @@ def expert_parameter_names(model: torch.nn.Module) -> list[str]:
 def keep_experts_out_of_ddp(model: torch.nn.Module) -> list[str]:
     """Tell a DDP wrapper built later to neither broadcast nor average the expert slices.
 
-    Call on the unwrapped model, before ``accelerator.prepare`` / ``DistributedDataParallel(model)``.
-    Names already on the ignore list (set by the user) are kept.
+    Sets the list on the patched model (a PeftModel or Accelerate wrapper reads it from there through
+    attribute forwarding), with each name under every prefix in ``WRAPPER_PREFIXES``; names DDP does
+    not find are harmless. Names already on the list (set by the user) are kept. Call before the
+    wrapper is built; ``patch`` does. Returns the expert names relative to ``model``.
     """
     names = expert_parameter_names(model)
-    present = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    merged = present + [n for n in names if n not in present]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, merged)
+    inner = unwrap(model)
+    present = list(getattr(inner, "_ddp_params_and_buffers_to_ignore", []))
+    ours = [p + n for n in expert_parameter_names(inner) for p in WRAPPER_PREFIXES]
+    if inner is not model:
+        ours += names
+    merged = present + [n for n in ours if n not in present]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(inner, merged)
+    inner.__dict__.setdefault(_IGNORED_ATTR, set()).update(ours)
     return names
 
 
@@ -46,7 +61,7 @@ def divide_expert_grads_by_world(model: torch.nn.Module) -> int:
     world = runtime_of(model).world_size
     if world == 1:
         return 0
-    hooked: dict[int, object] = model.__dict__.setdefault(_HOOKS_ATTR, {})
+    hooked: dict[int, object] = unwrap(model).__dict__.setdefault(_HOOKS_ATTR, {})
     added = 0
     for p in expert_parameters(model):
         if id(p) in hooked or not p.requires_grad:
@@ -54,3 +69,19 @@ def divide_expert_grads_by_world(model: torch.nn.Module) -> int:
         hooked[id(p)] = p.register_hook(lambda g, w=world: g / w)
         added += 1
     return added
+
+
+def release(model: torch.nn.Module) -> None:
+    """Undo ``keep_experts_out_of_ddp`` and ``divide_expert_grads_by_world`` (for ``unpatch``)."""
+    inner = unwrap(model)
+    for handle in inner.__dict__.pop(_HOOKS_ATTR, {}).values():
+        handle.remove()
+    ours = inner.__dict__.pop(_IGNORED_ATTR, set())
+    if ours and hasattr(inner, "_ddp_params_and_buffers_to_ignore"):
+        kept = [n for n in inner._ddp_params_and_buffers_to_ignore if n not in ours]
+        for p in expert_parameters(inner):
+            p.__dict__.pop("_ddp_ignored", None)
+        if kept:
+            inner._ddp_params_and_buffers_to_ignore = kept
+        else:
+            del inner._ddp_params_and_buffers_to_ignore

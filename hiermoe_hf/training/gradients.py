@@ -18,26 +18,35 @@ def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def all_reduce_gradients(model: torch.nn.Module) -> None:
-    """Average dense grads over ranks; divide expert grads (already summed over all ranks' tokens) by W.
+    """Average dense grads over ranks. Collective: every rank, once per optimizer step, after backward.
 
-    The result equals single-process training on the global batch with the loss averaged over ranks.
+    Expert grads (which already sum every rank's tokens) were divided by W as they were produced
+    (``patch`` hooks them), so the result equals single-process training on the global batch with the
+    loss averaged over ranks. A non-finite expert grad on any rank makes every rank's grads non-finite
+    (one extra element in the same all-reduce), so a ``torch.amp.GradScaler`` skips the step on all
+    ranks alike.
     """
+    from hiermoe_hf.training.loss_scaling import nonfinite_flag, spread_flag
+
     world = runtime_of(model).world_size
     if world == 1:
         return
     expert_ids = {id(p) for p in expert_parameters(model)}
-    dense = []
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if id(p) in expert_ids:
-            p.grad.div_(world)
-        else:
-            dense.append(p.grad)
-    for dtype in {g.dtype for g in dense}:
+    dense = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in expert_ids]
+    experts = [p.grad for p in model.parameters() if p.grad is not None and id(p) in expert_ids]
+    flag = nonfinite_flag(experts, next(model.parameters()))
+    dtypes = sorted({g.dtype for g in dense}, key=str)
+    if not dtypes:
+        dist.all_reduce(flag)
+    for dtype in dtypes:
         grads = [g for g in dense if g.dtype == dtype]
-        flat = _flatten_dense_tensors(grads)
+        with_flag = grads + [flag.to(dtype).view(1)] if dtype == dtypes[0] else grads
+        flat = _flatten_dense_tensors(with_flag)
         dist.all_reduce(flat)
         flat.div_(world)
+        if dtype == dtypes[0]:
+            flag = flat[-1:].float().view(())
+            flat = flat[:-1]
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
+    spread_flag(model, flag)

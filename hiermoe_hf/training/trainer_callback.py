@@ -14,17 +14,23 @@ A callback sees the model and optimizer but not the Trainer, so each duty hangs 
 - checkpoints: the Trainer writes the model from rank 0 alone, which would deadlock a collective
   save. That rank-0 call is deferred and ``on_save`` (reached by every rank) does the real save.
 - ``on_log``: HierMoE metrics join the Trainer's logs.
-Resuming a Trainer run from a checkpoint (``resume_from_checkpoint``) is not supported yet.
+- resume: ``on_save`` also writes this rank's expert slices, their optimizer state, the placements and
+  the routing window (``checkpoint/rank_state.py``) into the checkpoint folder; ``on_train_begin`` of
+  ``trainer.train(resume_from_checkpoint=...)`` puts them back over what the Trainer loaded (rank 0's
+  copies, or nothing for the experts), or refuses a checkpoint without them.
+- fp16: the scaler waits for every rank's verdict on non-finite expert grads (``loss_scaling.py``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from hiermoe_hf.checkpoint.rank_state import RankStateStore
 from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.runtime.patch import patch
 from hiermoe_hf.runtime.registry import is_patched, runtime_of
@@ -32,6 +38,7 @@ from hiermoe_hf.runtime.registry import world as world_and_rank
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, keep_experts_out_of_ddp
+from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
 
@@ -63,11 +70,19 @@ class HierMoECallback(TrainerCallback):
         self._meter: TrafficMeter | None = None
         self._in_train = False
         self._deferred_dir: str | None = None
+        self._store: RankStateStore | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("HierMoECallback needs Trainer(model=...); model_init is not supported")
         world, _ = world_and_rank()
+        for option in ("deepspeed", "fsdp"):
+            if getattr(args, option, None):
+                raise ValueError(
+                    f"HierMoECallback cannot run under TrainingArguments({option}=...): it would shard or flatten the "
+                    "expert slices that expert parallelism keeps rank-local; drop it (the dense part then trains "
+                    "under DDP)"
+                )
         if world != args.world_size:
             raise ValueError(
                 f"TrainingArguments see {args.world_size} processes but the default process group has {world}"
@@ -92,8 +107,26 @@ class HierMoECallback(TrainerCallback):
         self._wrap_save_pretrained(model)
         return control
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self._in_train = True
+        if runtime_of(self.model).world_size == 1:
+            return control
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if self._store is None or self._store.optimizer is not inner:
+            if self._store is not None:
+                self._store.remove()
+            self._store = RankStateStore(self.model, inner)
+        if state.global_step > 0:  # resume_from_checkpoint: the Trainer has loaded rank 0's copies
+            directory = _resume_dir()
+            if directory is None or not os.path.isdir(str(directory)):
+                raise ValueError(
+                    "HierMoECallback: this Trainer resumed at step "
+                    f"{state.global_step} but its checkpoint folder could not be found; pass "
+                    "trainer.train(resume_from_checkpoint=<checkpoint folder>)"
+                )
+            extra = self._store.restore_now(directory)  # ValueError naming a folder without our rank files
+            self.step = int(extra.get("step", state.global_step))
+            self.swaps_done = int(extra.get("swaps_done", 0))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -101,8 +134,8 @@ class HierMoECallback(TrainerCallback):
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        scaler = agree_before_unscale(getattr(optimizer, "scaler", None), self.model)  # fp16: skip on all ranks
         if self.max_grad_norm > 0:
-            scaler = getattr(optimizer, "scaler", None)
             if scaler is not None:  # fp16: clip the true gradients, as accelerator.clip_grad_norm_ would
                 scaler.unscale_(optimizer.optimizer)
             norm = grad_clip.clip_grad_norm_(self.model.parameters(), self.max_grad_norm, model=self.model)
@@ -110,6 +143,8 @@ class HierMoECallback(TrainerCallback):
         return control
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if getattr(optimizer, "step_was_skipped", False):  # fp16 overflow, the same on every rank
+            return control
         self.step += 1
         self.swaps_done, self.metrics = after_optimizer_step(
             self.model, optimizer, self.step, self.settings.swap_interval, self._meter, self.swaps_done
@@ -131,6 +166,8 @@ class HierMoECallback(TrainerCallback):
         self._deferred_dir = None
         if target[0] is not None:
             self._original_save(target[0])
+            if self._store is not None:  # what rank 0's model and optimizer files cannot hold
+                self._store.save(target[0], {"step": self.step, "swaps_done": self.swaps_done})
         return control
 
     def _wrap_save_pretrained(self, model: torch.nn.Module) -> None:
@@ -153,3 +190,14 @@ class HierMoECallback(TrainerCallback):
             return original(save_directory, *args, **kwargs)
 
         model.save_pretrained = save_pretrained
+
+
+def _resume_dir() -> str | None:
+    """The checkpoint folder of the ``trainer.train(resume_from_checkpoint=...)`` call in progress:
+    Transformers gives callbacks no path, so it is read from the Trainer's own training-loop frame."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop" and frame.f_globals.get("__name__") == _TRAINER_MODULE:
+            return frame.f_locals.get("resume_from_checkpoint")
+        frame = frame.f_back
+    return None

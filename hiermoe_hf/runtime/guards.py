@@ -1,0 +1,99 @@
+"""Refusals and safety nets around ``patch``: what a patched model must not be wrapped in, which
+module of a wrapper stack gets patched, a range check on routed expert ids, and ``generate`` kept in
+step across ranks. Each check names the problem and the way out (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+_GENERATE_ATTR = "_hiermoe_generate"
+
+
+def _wrapper_name(module: torch.nn.Module) -> str | None:
+    """The name of a wrapper that cannot keep expert slices rank-local, or None."""
+    cls = type(module)
+    if cls.__name__ == "DeepSpeedEngine" or cls.__module__.startswith("deepspeed"):
+        return "DeepSpeed (ZeRO)"
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        FullyShardedDataParallel = ()
+    if isinstance(module, FullyShardedDataParallel):
+        return "torch FullyShardedDataParallel (FSDP1)"
+    return None
+
+
+def refuse_wrappers(model: torch.nn.Module) -> None:
+    """ValueError when ``model`` is (or contains) a wrapper whose sharding would mix expert slices,
+    or is already inside DistributedDataParallel (which has registered the full experts)."""
+    for module in model.modules():
+        name = _wrapper_name(module)
+        if name is not None:
+            raise ValueError(
+                f"hiermoe_hf cannot patch a model wrapped in {name}: it shards or flattens every parameter, "
+                "expert slices included, so ranks would mix different experts. Patch the bare model and "
+                "wrap it in DistributedDataParallel, or shard the dense part with hiermoe_hf.shard_dense"
+            )
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "the model is already wrapped in DistributedDataParallel, which would average different ranks' "
+            "expert slices; call hiermoe_hf.patch(model) first and wrap the patched model afterwards"
+        )
+
+
+def patch_target(model: torch.nn.Module) -> torch.nn.Module:
+    """The module ``patch`` acts on: the Transformers model inside Accelerate/``torch.compile``
+    wrappers and inside a PEFT model (whose own ``save_pretrained`` and forward stay untouched)."""
+    inner = extract_model_from_parallel(model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def refuse_adapted_experts(experts: torch.nn.Module, name: str) -> None:
+    """ValueError when PEFT adapts the routed experts' parameters (``target_parameters``)."""
+    if hasattr(experts, "base_layer") or torch.nn.utils.parametrize.is_parametrized(experts):
+        raise ValueError(
+            f"{name}.experts carries a PEFT adapter on the routed experts (target_parameters); its weights "
+            "would not follow the expert sharding and swaps, so hiermoe_hf refuses it: put LoRA on attention, "
+            "shared experts or dense MLPs (target_modules), or unpatch the model first"
+        )
+
+
+def check_expert_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> None:
+    """RuntimeError when a router picked an id outside [0, E). One small reduction; on CUDA it is an
+    asynchronous device assert (no host sync), on CPU it raises right here."""
+    ok = ((topk_ids_TK >= 0) & (topk_ids_TK < num_experts)).all()
+    torch._assert_async(
+        ok, f"hiermoe_hf: the router chose an expert id outside [0, {num_experts}); a custom router must return "
+        f"ids in 0..{num_experts - 1}"
+    )
+
+
+def install_synced_generate(model: torch.nn.Module) -> None:
+    """``model.generate`` (this instance) defaults to ``synced_gpus=True``: a rank that has finished
+    keeps running forwards until every rank has, as the expert exchange needs all ranks."""
+    if _GENERATE_ATTR in model.__dict__ or not hasattr(model, "generate"):
+        return
+    original = model.generate
+
+    def generate(self, *args, **kwargs):
+        if len(args) <= 5:  # synced_gpus is generate's 6th parameter
+            if kwargs.get("synced_gpus") is False:
+                raise ValueError(
+                    "generate(synced_gpus=False) on an expert-parallel model hangs as soon as one rank stops "
+                    "before the others (every forward is collective); leave synced_gpus unset (True)"
+                )
+            kwargs["synced_gpus"] = True
+        return original(*args, **kwargs)
+
+    model.generate = types.MethodType(generate, model)
+    model.__dict__[_GENERATE_ATTR] = original
+
+
+def remove_synced_generate(model: torch.nn.Module) -> None:
+    if model.__dict__.pop(_GENERATE_ATTR, None) is not None:
+        model.__dict__.pop("generate", None)

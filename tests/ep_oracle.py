@@ -1,0 +1,42 @@
+"""Shared by the issue-12 wrapper tests: per-rank micro-batches of a global batch, and the oracle,
+single-process unpatched Transformers on the global batch with the loss averaged over ranks
+(what DDP means, DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import torch
+
+B, L, LR = 2, 9, 1e-3
+
+
+def global_batch(step: int, world: int) -> torch.Tensor:
+    return torch.randint(0, 256, (world * B, L), generator=torch.Generator().manual_seed(500 + step))
+
+
+def micro(step: int, world: int, rank: int) -> torch.Tensor:
+    return global_batch(step, world)[rank * B : (rank + 1) * B]
+
+
+def probe() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(77))
+
+
+def reference_run(model, world: int, steps, lr: float = LR):
+    """Train ``model`` (unpatched, one process) on ``steps`` (step indices), AdamW; returns losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in steps:
+        total = 0.0
+        for r in range(world):
+            x = micro(step, world, r)
+            loss = model(input_ids=x, labels=x).loss / world
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()

@@ -1,0 +1,125 @@
+"""Issue 12 item 1 and 6: any DDP wrapper around a patched model is exact, repeated or mistaken
+calls raise. Oracle: single-process unpatched Transformers on the global batch (tests/ep_oracle.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from ep_oracle import LR, micro, probe, reference_run, rel
+
+import hiermoe_hf
+from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qwen3_moe_config
+
+STEPS = 3
+
+
+def _config(kind):
+    return tiny_qwen3_moe_config() if kind == "qwen" else tiny_deepseek_v3_config()
+
+
+def wrapped_job(kind, wrapper, also_all_reduce):
+    """Patch, wrap by hand (plain DDP or Accelerate's prepare, no plugin), the usual PyTorch loop."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    model = build_model(_config(kind)).train()
+    hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=[1, W], dispatch="a2a"))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    if wrapper == "ddp":
+        wrapped = DistributedDataParallel(model)
+    else:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE=str(W))
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        acc = Accelerator(cpu=True)
+        wrapped, opt = acc.prepare(model, opt)
+    losses = []
+    for step in range(STEPS):
+        x = micro(step, W, r)
+        loss = wrapped(input_ids=x, labels=x).loss
+        loss.backward()
+        if also_all_reduce:  # idempotent next to DDP: no double scaling of dense or expert grads
+            hiermoe_hf.all_reduce_gradients(wrapped)
+        opt.step()
+        opt.zero_grad()
+        t = torch.tensor([loss.item()])
+        dist.all_reduce(t)
+        losses.append(t.item() / W)
+    model.eval()
+    with torch.no_grad():
+        logits = model(probe()).logits
+    return losses, logits
+
+
+@pytest.mark.parametrize(
+    "kind,wrapper,also_all_reduce",
+    [("qwen", "ddp", False), ("deepseek", "ddp", True), ("qwen", "accelerate", False)],
+    ids=["qwen-ddp", "deepseek-ddp+all_reduce_gradients", "qwen-accelerate-prepare"],
+)
+def test_hand_wrapped_ddp_trains_like_one_process(ranks, kind, wrapper, also_all_reduce):
+    results = ranks(2).run(wrapped_job, kind, wrapper, also_all_reduce)
+    assert len(results) == 2  # a pool closed by an earlier timeout answers []
+    ref = build_model(_config(kind)).train()
+    want_losses = reference_run(ref, 2, range(STEPS))
+    with torch.no_grad():
+        want = ref.eval()(probe()).logits
+    for losses, logits in results:
+        assert losses == pytest.approx(want_losses, rel=1e-5)
+        assert rel(logits, want) < 1e-5
+
+
+def refusal_job():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    W = dist.get_world_size()
+    out = {}
+    model = build_model(tiny_qwen3_moe_config())
+    try:
+        hiermoe_hf.patch(DistributedDataParallel(model))
+    except ValueError as err:
+        out["ddp_first"] = str(err)
+    # a custom router that returns an id outside [0, E) on every rank
+    model = build_model(tiny_qwen3_moe_config())
+    hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=[1, W], dispatch="a2a"))
+    for bad in (-1, 8):
+        gate = model.model.layers[0].mlp.gate
+        original = type(gate).forward
+
+        def bad_router(self, x, bad=bad, original=original):
+            logits, weights, ids = original(self, x)
+            ids = ids.clone()
+            ids[0, 0] = bad
+            return logits, weights, ids
+
+        gate.forward = bad_router.__get__(gate)
+        try:
+            model(torch.randint(0, 256, (1, 4)))
+        except RuntimeError as err:
+            out[f"id{bad}"] = str(err)
+        del gate.forward
+    return out
+
+
+def test_wrong_wrapper_and_bad_expert_ids_raise(ranks):
+    for out in ranks(2).run(refusal_job):
+        assert "patch(model) first and wrap the patched model afterwards" in out.get("ddp_first", "")
+        for bad in (-1, 8):
+            assert "expert id outside [0, 8)" in out.get(f"id{bad}", ""), out
+
+
+def test_patch_again_with_another_config_raises_same_config_is_a_noop():
+    model = build_model(tiny_qwen3_moe_config())
+    cfg = hiermoe_hf.HierMoEConfig(dispatch="a2a")
+    assert hiermoe_hf.patch(model, cfg) is model
+    assert hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(dispatch="a2a")) is model  # equal config
+    assert hiermoe_hf.patch(model) is model  # no config: keep the one it has
+    with pytest.raises(ValueError, match="already patched with .*unpatch"):
+        hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(dispatch="a2a", swap_interval=5))
+    assert hiermoe_hf.patch(model, cfg) is model
