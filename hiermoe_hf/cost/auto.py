@@ -1,11 +1,10 @@
 """Strategy choice for ``dispatch="auto"`` (DESIGN.md sections 5 and 7).
 
-Every rank counts, for each candidate, the rows its own tokens make every rank send in every
-stage (rows of different origin tokens are never merged, so these contributions add up exactly to
-the global per-stage counts). One ``all_reduce`` of the concatenated int64 counts gives every rank
-the same global counts; the cost model turns them into a predicted time per candidate, and the
-cheapest wins, ties going to the earlier candidate. Identical inputs and identical float
-arithmetic on every rank mean every rank picks the same strategy without another collective.
+The choice rides on the layer's one count exchange (``exchange.layer_counts``): every rank's
+contribution to every candidate's per-stage counts is all-reduced, priced on the device, and the
+cheapest wins, ties going to the earlier candidate. Identical inputs and identical float arithmetic
+on every rank mean every rank picks the same strategy without another collective. The patched
+forward calls ``exchange_counts`` directly; ``pick_strategy`` is the same choice as a function.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_hf.cost import model as cm
-from hiermoe_hf.cost.pricing import forward_exchange_times
-from hiermoe_hf.exchange.stage_rows import stage_rows
+from hiermoe_hf.exchange.layer_counts import exchange_counts, price
 from hiermoe_hf.topology import Topology
 
 
@@ -32,34 +30,12 @@ def _as_cost_model(cost_model, topology: Topology) -> cm.CostModel:
     )
 
 
-def local_counts(topology: Topology, candidates: list[str], dest_rank_TK: torch.Tensor, rank: int) -> torch.Tensor:
-    """This rank's contribution, flattened: for each candidate, each stage, int64 [W, S] row counts."""
-    parts = [
-        c.reshape(-1)
-        for name in candidates
-        for c in stage_rows(dest_rank_TK.detach().to(torch.int64), topology, name, origins=[rank])
-    ]
-    return torch.cat(parts)
-
-
-def split_counts(topology: Topology, candidates: list[str], flat: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """Inverse of ``local_counts``' flattening: candidate -> per-stage int64 [W, S]."""
-    W, out, pos = topology.world_size, {}, 0
-    for name in candidates:
-        out[name] = []
-        for st in topology.stages(name):
-            S = topology.group_size(st)
-            out[name].append(flat[pos : pos + W * S].view(W, S))
-            pos += W * S
-    return out
-
-
 def predicted_ms(
     topology: Topology, counts: dict[str, list[torch.Tensor]], row_bytes: int, model: cm.CostModel
 ) -> dict[str, float]:
-    """Predicted ms of one layer's forward exchange (dispatch + combine) per candidate: each stage
-    pays the dispatcher's 4 collectives' latencies, its rows twice, and its local pack + unpack."""
-    return {name: 1e3 * sum(forward_exchange_times(c, topology, name, row_bytes, model)) for name, c in counts.items()}
+    """Predicted ms of one layer's forward exchange (dispatch + combine) per candidate, from global
+    counts (``exchange.layer_counts.price``, the function the patched forward uses)."""
+    return dict(zip(counts, price(topology, counts, row_bytes, model).tolist()))
 
 
 def pick_strategy(
@@ -90,11 +66,9 @@ def pick_strategy(
     model = _as_cost_model(cost_model, topology)
     distributed = dist.is_available() and dist.is_initialized() and topology.world_size > 1
     rank = dist.get_rank() if distributed else 0
-    flat = local_counts(topology, candidates, dest_rank_TK, rank)
-    if distributed:
-        # the counts live on the routing's device: NCCL reduces device tensors, gloo host ones
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat = flat.cpu()
-    predicted = predicted_ms(topology, split_counts(topology, candidates, flat), row_bytes, model)
-    best = min(range(len(candidates)), key=lambda i: (predicted[candidates[i]], i))
-    return candidates[best], predicted
+    group = dist.group.WORLD if distributed else None
+    names = tuple(candidates)
+    if len(names) == 1:
+        names = names + names  # price even a single candidate (the result reports its time)
+    counts = exchange_counts(topology, group, rank, names, dest_rank_TK, row_bytes, model)
+    return counts.strategy, dict(zip(names, counts.predicted_ms.tolist()))

@@ -41,11 +41,9 @@ class StageGroups:
         return self._groups[(stage.lo, stage.hi)]
 
 
-def exchange_counts(send_counts_S: torch.Tensor, group) -> torch.Tensor:
-    """All-to-all of per-member row counts: int64 [S] sent -> int64 [S] received."""
-    recv = torch.empty_like(send_counts_S)
-    dist.all_to_all_single(recv, send_counts_S.contiguous(), group=group)
-    return recv
+def whole_group(topology: Topology, groups: "StageGroups | None"):
+    """The group of the flat stage (every rank of the topology): the layer's count exchange runs there."""
+    return None if groups is None else groups.get(topology.stages("a2a")[0])
 
 
 def _a2a(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -54,42 +52,72 @@ def _a2a(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tens
     return out
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A copy with standard strides and offset 0, as ``Tensor.view(dtype)`` needs (also when empty)."""
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+_ALIGN = 8  # every part starts at a multiple of 8 bytes, so each can be viewed back as its dtype
 
 
-def _route_to_int(ids_PK: torch.Tensor, w_PK: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
-    """Ids and weights as one int32 tensor [P, K + K*c] (weights bit-cast, lossless)."""
-    wide = torch.float64 if w_PK.dtype == torch.float64 else torch.float32
-    w_bits = _fresh(w_PK.detach().to(wide)).view(torch.int32)
-    return torch.cat([ids_PK.to(torch.int32), w_bits], dim=1), wide
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def meta_row_bytes(K: int, w_dtype: torch.dtype) -> int:
+    """Bytes a dispatched row carries besides its hidden state: int32 ids + weights, each padded."""
+    return _padded(4 * K) + _padded(K * torch.empty((), dtype=w_dtype).element_size())
+
+
+def pack_bytes(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[P, n_i] tensors of any dtypes -> one uint8 [P, sum of padded row bytes] buffer (one exchange)."""
+    P = parts[0].shape[0]
+    widths = [_padded(t.shape[1] * t.element_size()) for t in parts]
+    buf = torch.empty(P, sum(widths), dtype=torch.uint8, device=parts[0].device)
+    pos = 0
+    for t, w in zip(parts, widths):
+        n = t.shape[1] * t.element_size()
+        if n:
+            buf[:, pos : pos + n].view(t.dtype).copy_(t)
+        pos += w
+    return buf
+
+
+def unpack_bytes(buf: torch.Tensor, like: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
+    """Inverse of ``pack_bytes``: ``like`` = (columns, dtype) per part -> strided views [R, n_i]."""
+    out, pos = [], 0
+    for cols, dtype in like:
+        n = cols * torch.empty((), dtype=dtype).element_size()
+        if n:
+            out.append(buf[:, pos : pos + n].view(dtype))
+        else:
+            out.append(torch.empty(buf.shape[0], 0, dtype=dtype, device=buf.device))
+        pos += _padded(n)
+    return out
+
+
+def _exchange_parts(parts: list[torch.Tensor], send: list[int], recv: list[int], group) -> list[torch.Tensor]:
+    """One ``all_to_all_single`` of several row-aligned tensors packed side by side as bytes."""
+    like = [(t.shape[1], t.dtype) for t in parts]
+    return unpack_bytes(_a2a(pack_bytes(parts), send, recv, group), like)
 
 
 class ExchangeRows(torch.autograd.Function):
     """Send packed rows with their ids and weights to the group members; backward sends grads back.
 
     forward(x_PH, w_PK, ids_PK, send, recv, group) -> (x_RH, w_RK, ids_RK): ``send``/``recv`` are
-    per-member row counts (lists of int). Two collectives: rows, and route (ids + bit-cast weights).
+    per-member row counts (lists of int). One collective each way: rows, ids (int32) and weights
+    (bit-exact, in their own dtype) share one byte buffer; the backward sends the row gradients and
+    the weight gradients in one buffer too.
     """
 
     @staticmethod
     def forward(ctx, x_PH, w_PK, ids_PK, send, recv, group):
-        ctx.send, ctx.recv, ctx.group, ctx.w_dtype = send, recv, group, w_PK.dtype
-        K = ids_PK.shape[1]
-        x_RH = _a2a(x_PH, send, recv, group)
-        route_P, wide = _route_to_int(ids_PK, w_PK)
-        route_R = _a2a(route_P, send, recv, group)
-        ids_RK = route_R[:, :K].to(torch.int64)
-        w_RK = _fresh(route_R[:, K:]).view(wide).to(w_PK.dtype)
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        x_RH, ids_RK, w_RK = _exchange_parts([x_PH, ids_PK.to(torch.int32), w_PK.detach()], send, recv, group)
+        ids_RK = ids_RK.to(torch.int64)
         ctx.mark_non_differentiable(ids_RK)
         return x_RH, w_RK, ids_RK
 
     @staticmethod
     def backward(ctx, gx_RH, gw_RK, _gids):
         # autograd materialises absent output grads as zeros, so both are tensors
-        gx_PH = _a2a(gx_RH, ctx.recv, ctx.send, ctx.group)
-        gw_PK = _a2a(gw_RK, ctx.recv, ctx.send, ctx.group)
+        gx_PH, gw_PK = _exchange_parts([gx_RH, gw_RK], ctx.recv, ctx.send, ctx.group)
         return gx_PH, gw_PK, None, None, None, None
 
 

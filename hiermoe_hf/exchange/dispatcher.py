@@ -16,14 +16,16 @@ from types import SimpleNamespace
 
 import torch
 
-from hiermoe_hf.exchange.comm import ExchangeRows, ReturnRows, StageGroups, exchange_counts
+from hiermoe_hf.exchange.comm import ExchangeRows, ReturnRows, StageGroups, whole_group
+from hiermoe_hf.exchange.layer_counts import LayerCounts, exchange_counts
 from hiermoe_hf.kernels.reference import StageLayout
 from hiermoe_hf.topology import Stage, Topology
 
 
 @dataclass(frozen=True)
 class ExchangePlan:
-    """What one layer's exchange needs: the stages of the chosen strategy and their groups."""
+    """What one layer's exchange needs: the stages of the chosen strategy and their groups, and the
+    whole expert-parallel group the count exchange runs in."""
 
     topology: Topology
     rank: int
@@ -31,11 +33,15 @@ class ExchangePlan:
     stages: tuple[Stage, ...]
     groups: tuple[object, ...]
     local_experts: int
+    count_group: object = None
 
     @classmethod
     def build(cls, topology: Topology, groups: StageGroups, strategy: str, local_experts: int) -> "ExchangePlan":
         stages = topology.stages(strategy)
-        return cls(topology, groups.rank, strategy, stages, tuple(groups.get(s) for s in stages), local_experts)
+        return cls(
+            topology, groups.rank, strategy, stages, tuple(groups.get(s) for s in stages), local_experts,
+            whole_group(topology, groups),
+        )
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,12 @@ class DispatchHandle:
 
 
 def dispatch(
-    x_TH: torch.Tensor, phys_TK: torch.Tensor, w_TK: torch.Tensor, plan: ExchangePlan, ops: SimpleNamespace
+    x_TH: torch.Tensor,
+    phys_TK: torch.Tensor,
+    w_TK: torch.Tensor,
+    plan: ExchangePlan,
+    ops: SimpleNamespace,
+    counts: LayerCounts | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle]:
     """Send every token to the ranks holding its experts, once per destination group per stage.
 
@@ -68,27 +79,31 @@ def dispatch(
         w_TK: [T, K] routing weights; they travel with the rows and receive gradients.
         plan: the strategy's stages and groups.
         ops: kernel namespace (``hiermoe_hf.kernels.select_ops``).
+        counts: the layer's count exchange for ``plan.strategy`` (``layer_counts.exchange_counts``);
+            None runs it here (one collective, one host read).
     Returns:
         x_RH [R, H], phys_RK int64 [R, K] (-1 for selections a row does not carry; every carried one
         is local), w_RK [R, K] (0 where not carried), and the handle ``combine`` takes.
     """
+    if counts is None:
+        dest_TK = torch.where(phys_TK >= 0, phys_TK // plan.local_experts, -1)
+        counts = exchange_counts(plan.topology, plan.count_group, plan.rank, (plan.strategy,), dest_TK)
+    if counts.strategy != plan.strategy:
+        raise ValueError(f"counts are for strategy {counts.strategy!r} but the plan runs {plan.strategy!r}")
     x, ids, w = x_TH, phys_TK, w_TK
     records = []
-    for stage, group in zip(plan.stages, plan.groups):
+    for stage, group, splits in zip(plan.stages, plan.groups, counts.splits):
         dest_rank = torch.where(ids >= 0, ids // plan.local_experts, -1)
         layout = ops.stage_layout(
-            dest_rank, plan.topology.stride(stage.hi), plan.topology.group_size(stage), stage.dedup
+            dest_rank, plan.topology.stride(stage.hi), plan.topology.group_size(stage), stage.dedup, sum(splits.send)
         )
         x_P = ops.pack_rows(x, layout.src_row_P)
         ids_P, w_P = ops.pack_route(ids, w, layout.src_row_P, layout.mask_PK)
-        send = layout.send_counts_S
-        recv = send if group is None else exchange_counts(send, group)
-        send_l, recv_l = send.tolist(), recv.tolist()
-        records.append(StageRecord(stage, group, layout, send_l, recv_l, x.shape[0]))
+        records.append(StageRecord(stage, group, layout, splits.send, splits.recv, x.shape[0]))
         if group is None:
             x, w, ids = x_P, w_P, ids_P
         else:
-            x, w, ids = ExchangeRows.apply(x_P, w_P, ids_P, send_l, recv_l, group)
+            x, w, ids = ExchangeRows.apply(x_P, w_P, ids_P, splits.send, splits.recv, group)
     return x, ids, w, DispatchHandle(tuple(records))
 
 

@@ -1,4 +1,13 @@
-"""The local experts' MLP on the rows a rank received (one expert slot after another)."""
+"""The local experts' MLP on the rows a rank received: grouped GEMMs over the local slots.
+
+Transformers' own experts implementations ("grouped_mm", "batched_mm", ...) take the full routing
+of a block and size their offsets by ``num_experts`` (all experts), so none of them can run on a
+rank's subset of slots without changing the module. The same kernel they use for "grouped_mm",
+``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``, is called here directly with per-slot
+offsets built on the device (no host read). Where it cannot run (old torch, a GPU older than sm80,
+unaligned CPU tensors on torch <= 2.10, or a model loaded with ``experts_implementation="eager"``)
+the per-slot loop is the fallback; it needs the slot sizes on the host.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,54 @@ def _apply_gate(experts: torch.nn.Module, h_QI2: torch.Tensor) -> torch.Tensor:
     return experts.act_fn(g) * u
 
 
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def can_group(experts: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``grouped_mm`` can run the local slots of ``experts`` on rows like ``x``."""
+    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if impl == "eager" or _grouped_mm_fn() is None or getattr(experts, "has_bias", False):
+        return False
+    w = experts.gate_up_proj
+    if w.device.type == "cuda":
+        return torch.cuda.get_device_capability(w.device) >= (8, 0)
+    if w.device.type == "cpu":
+        major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+        if (major, minor) <= (2, 8):
+            return False  # no CPU kernel
+        if (major, minor) <= (2, 10):  # CPU kernel wants 16-byte aligned operands
+            return all(t.data_ptr() % 16 == 0 for t in (w, experts.down_proj, x))
+    return True
+
+
+def grouped_linear(x_QI: torch.Tensor, w_eOI: torch.Tensor, offs_e: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Rows of slot s (rows ``offs[s-1]:offs[s]``) times slot s's weight: [Q, I] -> [Q, O].
+
+    w_eOI: [e, O, I] (Transformers' layout; [e, I, O] when ``transposed``); offs_e int32 [e] ends.
+    """
+    w = w_eOI if transposed else w_eOI.transpose(-2, -1)
+    return _grouped_mm_fn()(x_QI.to(w.dtype), w, offs=offs_e)
+
+
+def _mlp_grouped(experts, x_QH: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
+    offs = torch.cumsum(counts_e, 0, dtype=torch.int32)
+    t = bool(getattr(experts, "is_transposed", False))
+    h = _apply_gate(experts, grouped_linear(x_QH, experts.gate_up_proj, offs, t))
+    return grouped_linear(h, experts.down_proj, offs, t)
+
+
+def _mlp_loop(experts, x_QH: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
+    outs = []
+    t = bool(getattr(experts, "is_transposed", False))
+    for slot, x_chunk in enumerate(x_QH.split(counts_e.tolist())):  # host read: the fallback only
+        gu = experts.gate_up_proj[slot]
+        h = _apply_gate(experts, F.linear(x_chunk, gu.t() if t else gu))
+        dp = experts.down_proj[slot]
+        outs.append(F.linear(h, dp.t() if t else dp))
+    return torch.cat(outs) if outs else x_QH.new_zeros(0, x_QH.shape[1])
+
+
 def local_experts_forward(
     experts: torch.nn.Module,
     x_RH: torch.Tensor,
@@ -23,6 +80,8 @@ def local_experts_forward(
     w_RK: torch.Tensor,
     local_experts: int,
     ops: SimpleNamespace,
+    arriving: int | None = None,
+    grouped: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every carried selection through its local expert and sum a row's weighted outputs.
 
@@ -31,15 +90,14 @@ def local_experts_forward(
             ``gate_up_proj`` [e, 2I, H], ``down_proj`` [e, H, I].
         x_RH: [R, H] received rows; phys_RK: int64 [R, K] physical ids (-1 = not carried);
         w_RK: [R, K] routing weights.
+        arriving: Q, the carried selections (from the layer's count exchange; None = count here).
+        grouped: force the grouped GEMM (True) or the loop (False); None = ``can_group``.
     Returns:
         (y_RH [R, H] = sum_k w_k * expert_k(x), counts_e int64 [e] rows per local slot).
     """
-    layout = ops.expand_layout(phys_RK, local_experts)
+    layout = ops.expand_layout(phys_RK, local_experts, arriving)
     x_QH = ops.pack_rows(x_RH, layout.src_row_Q)
     w_Q = w_RK[layout.src_row_Q, layout.src_k_Q]
-    outs = []
-    for slot, x_chunk in enumerate(x_QH.split(layout.counts_e.tolist())):
-        h = _apply_gate(experts, F.linear(x_chunk, experts.gate_up_proj[slot]))
-        outs.append(F.linear(h, experts.down_proj[slot]))
-    y_QH = torch.cat(outs) if outs else x_QH.new_zeros(0, x_RH.shape[1])
+    use_grouped = can_group(experts, x_QH) if grouped is None else grouped
+    y_QH = (_mlp_grouped if use_grouped else _mlp_loop)(experts, x_QH, layout.counts_e)
     return ops.combine_rows(y_QH, w_Q, layout.src_row_Q, x_RH.shape[0]), layout.counts_e

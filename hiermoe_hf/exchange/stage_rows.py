@@ -16,7 +16,7 @@ member_of(r)``: kept on ``r``).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -28,43 +28,55 @@ def key_divisor(topology: Topology, stage: Stage) -> int:
     return topology.stride(stage.hi) if stage.dedup else 1
 
 
-def _advance(holder_R: torch.Tensor, dest_RK: torch.Tensor, topology: Topology, stage: Stage):
-    """Pack rows for one stage. -> (row_P source row, member_P, holder after the stage, dest_PK).
+def _digit(rank: torch.Tensor, topology: Topology, level: int) -> torch.Tensor:
+    return (rank // topology.stride(level + 1)) % topology.levels[level]
 
-    holder_R: int64 [R] rank holding each row; dest_RK: int64 [R, K] destination rank of every
-    selection the row carries (-1: none).
+
+def _first_of_key(key_TK: torch.Tensor, valid_TK: torch.Tensor) -> torch.Tensor:
+    """bool [T, K]: valid selections whose key no earlier valid selection of the token has."""
+    K = key_TK.shape[1]
+    same_TKK = (key_TK[:, :, None] == key_TK[:, None, :]) & valid_TK[:, None, :]
+    earlier_KK = torch.ones(K, K, dtype=torch.bool, device=key_TK.device).tril(-1)
+    return valid_TK & ~(same_TKK & earlier_KK).any(-1)
+
+
+def stage_cells(
+    origin_T: torch.Tensor, dest_TK: torch.Tensor, topology: Topology, strategy: str
+) -> list[torch.Tensor]:
+    """Per stage of ``strategy``, int64 [T, K]: the cell ``holder * S + member`` of the packed row
+    that selection (t, k) belongs to in that stage, or -1 where (t, k) makes no row of its own.
+
+    Closed form, no compaction (so no host sync on a GPU): before a stage, a token's copy sits on
+    the rank that has the destination's digits where earlier stages varied them and the origin's
+    elsewhere; it goes to the member with the destination's digits ``[lo, hi)``. A de-duplicated
+    stage packs one row per (token, destination key = dest // stride(hi)), a plain stage one per
+    selection. origin_T: int64 [T] origin rank; dest_TK: int64 [T, K] destination rank (-1 none).
     """
-    S, div = topology.group_size(stage), topology.stride(stage.hi)
-    R, K = dest_RK.shape
-    dev = dest_RK.device  # stays on the routing's device: on a GPU this runs per layer under "auto"
-    member_RK = torch.where(dest_RK >= 0, (dest_RK // div) % S, S)
-    if stage.dedup:
-        need_RS = torch.zeros(R, S + 1, dtype=torch.bool, device=dev).scatter_(1, member_RK, True)[:, :S]
-        row_P, m_P = need_RS.nonzero(as_tuple=True)
-        dest_PK = torch.where(member_RK[row_P] == m_P[:, None], dest_RK[row_P], -1)
-    else:
-        row_P, k_P = (dest_RK >= 0).nonzero(as_tuple=True)
-        m_P = member_RK[row_P, k_P]
-        dest_PK = torch.full((row_P.numel(), K), -1, dtype=torch.int64, device=dev)
-        dest_PK[torch.arange(row_P.numel(), device=dev), k_P] = dest_RK[row_P, k_P]
-    src_P = holder_R[row_P]
-    dst_P = src_P + (m_P - topology.member_of(src_P, stage)) * div
-    return row_P, m_P, dst_P, dest_PK
-
-
-def walk(
-    holder_R: torch.Tensor, dest_RK: torch.Tensor, topology: Topology, strategy: str
-) -> Iterator[tuple[Stage, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Every stage of ``strategy`` in order: (stage, row_P index into the initial rows, src_P holder
-    rank, m_P member index) of each packed row."""
-    origin_R = torch.arange(holder_R.numel(), device=holder_R.device)
-    holder, dest = holder_R, dest_RK
+    valid = dest_TK >= 0
+    dest = dest_TK.clamp(min=0)
+    origin = origin_T.view(-1, 1)
+    covered = [False] * topology.depth
+    out = []
     for stage in topology.stages(strategy):
-        row_P, m_P, dst_P, dest = _advance(holder, dest, topology, stage)
-        src_P = holder[row_P]
-        origin_R = origin_R[row_P]
-        yield stage, origin_R, src_P, m_P
-        holder = dst_P
+        S, div = topology.group_size(stage), topology.stride(stage.hi)
+        holder = torch.zeros_like(dest)
+        for lvl in range(topology.depth):
+            digit = _digit(dest if covered[lvl] else origin, topology, lvl)
+            holder = holder + digit * topology.stride(lvl + 1)
+        member = (dest // div) % S
+        first = _first_of_key(dest // div, valid) if stage.dedup else valid
+        out.append(torch.where(first, holder * S + member, -1))
+        for lvl in range(stage.lo, stage.hi):
+            covered[lvl] = True
+    return out
+
+
+def count_cells(cells_TK: torch.Tensor, W: int, S: int) -> torch.Tensor:
+    """int64 [W, S] rows per cell (scatter-add into a spill bin: no bincount, no host sync)."""
+    flat = torch.where(cells_TK >= 0, cells_TK, W * S).reshape(-1)
+    counts = torch.zeros(W * S + 1, dtype=torch.int64, device=cells_TK.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return counts[: W * S].view(W, S)
 
 
 def stage_rows(
@@ -98,12 +110,12 @@ def stage_rows(
             raise ValueError(f"routing of origin rank {o} must be [T, K], got shape {tuple(d.shape)}")
     dev = dest_rank_TK[0].device
     dest = torch.cat([d.to(dev, torch.int64) for d in dest_rank_TK])
-    holder = torch.cat(
+    origin = torch.cat(
         [torch.full((d.shape[0],), o, dtype=torch.int64, device=dev) for o, d in zip(origins, dest_rank_TK)]
     )
     return [
-        torch.bincount(src_P * topology.group_size(st) + m_P, minlength=W * topology.group_size(st)).view(W, -1)
-        for st, _, src_P, m_P in walk(holder, dest, topology, strategy)
+        count_cells(c, W, topology.group_size(st))
+        for st, c in zip(topology.stages(strategy), stage_cells(origin, dest, topology, strategy))
     ]
 
 
@@ -113,12 +125,7 @@ def cells(topology: Topology, strategy: str) -> list[torch.Tensor]:
     W = topology.world_size
     o_N = torch.arange(W).repeat_interleave(W)
     d_N1 = torch.arange(W).repeat(W).view(-1, 1)
-    out = []
-    for st, row_P, src_P, m_P in walk(o_N, d_N1, topology, strategy):
-        cell = torch.empty(W * W, dtype=torch.int64)
-        cell[row_P] = src_P * topology.group_size(st) + m_P  # one packed row per single-selection token
-        out.append(cell.view(W, W))
-    return out
+    return [c.view(W, W) for c in stage_cells(o_N, d_N1, topology, strategy)]
 
 
 def own_member(topology: Topology, stage: Stage) -> torch.Tensor:
@@ -144,14 +151,25 @@ def crossing_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage, lev
     return counts_WS[(src_W.view(W, 1) // span) != (dst_WS // span)].sum()
 
 
-def max_peer_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> float:
-    """Largest message (rows) any rank sends to any other member in this stage (counts may be scaled floats)."""
+def peer_rows_max(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> torch.Tensor:
+    """0-d tensor on the counts' device: the largest message (rows) any rank sends to any other
+    member in this stage (counts may be scaled floats). No host read."""
     own = own_member(topology, stage).to(counts_WS.device)
     off = counts_WS.clone()
     off.scatter_(1, own[:, None], 0)
-    return off.max().item() if off.numel() else 0
+    return off.max() if off.numel() else counts_WS.new_zeros(())
+
+
+def packed_rows_max(counts_WS: torch.Tensor) -> torch.Tensor:
+    """0-d tensor: most rows any rank packs in this stage (kept ones included: they are gathered too)."""
+    return counts_WS.sum(1).max() if counts_WS.numel() else counts_WS.new_zeros(())
+
+
+def max_peer_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> float:
+    """``peer_rows_max`` as a Python number."""
+    return peer_rows_max(counts_WS, topology, stage).item()
 
 
 def packed_rows(counts_WS: torch.Tensor) -> float:
-    """Most rows any rank packs in this stage (kept ones included: they are gathered too)."""
-    return counts_WS.sum(1).max().item() if counts_WS.numel() else 0
+    """``packed_rows_max`` as a Python number."""
+    return packed_rows_max(counts_WS).item()

@@ -32,7 +32,23 @@ class StageLayout:
     send_counts_S: torch.Tensor
 
 
-def stage_layout(dest_rank_RK: torch.Tensor, divisor: int, group_size: int, dedup: bool) -> StageLayout:
+def _nonzero(mask: torch.Tensor, size: int | None) -> tuple[torch.Tensor, ...]:
+    """``mask.nonzero`` as a tuple of index tensors; with ``size`` (the known number of hits) the
+    static form, which needs no host sync on a GPU."""
+    if size is None:
+        return mask.nonzero(as_tuple=True)
+    return torch.nonzero_static(mask, size=size).unbind(1)
+
+
+def count_members(m_P: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int64 [S]: hits per member (a scatter-add: unlike ``bincount``, no host sync on a GPU)."""
+    counts = torch.zeros(group_size, dtype=torch.int64, device=m_P.device)
+    return counts.scatter_add_(0, m_P, torch.ones_like(m_P))
+
+
+def stage_layout(
+    dest_rank_RK: torch.Tensor, divisor: int, group_size: int, dedup: bool, size: int | None = None
+) -> StageLayout:
     """Which group members each row must reach, and where its copies go in the send buffer.
 
     Args:
@@ -40,6 +56,7 @@ def stage_layout(dest_rank_RK: torch.Tensor, divisor: int, group_size: int, dedu
         divisor: ranks per step of the stage's last digit (``Topology.stride(stage.hi)``).
         group_size: S, members of the stage's group (member = (dest // divisor) % S).
         dedup: one packed row per (row, member) if True, else one per carried selection.
+        size: P if the caller knows it (the layer's count exchange does): no host sync.
     """
     R, K = dest_rank_RK.shape
     S = group_size
@@ -47,13 +64,13 @@ def stage_layout(dest_rank_RK: torch.Tensor, divisor: int, group_size: int, dedu
     if dedup:
         need_RS = torch.zeros(R, S + 1, dtype=torch.bool, device=dest_rank_RK.device)
         need_RS.scatter_(1, member_RK, True)
-        m_P, src_row_P = need_RS[:, :S].t().nonzero(as_tuple=True)
+        m_P, src_row_P = _nonzero(need_RS[:, :S].t(), size)
         mask_PK = member_RK[src_row_P] == m_P[:, None]
     else:
         hit_SRK = member_RK.unsqueeze(0) == torch.arange(S, device=dest_rank_RK.device).view(S, 1, 1)
-        m_P, src_row_P, k_P = hit_SRK.nonzero(as_tuple=True)
+        m_P, src_row_P, k_P = _nonzero(hit_SRK, size)
         mask_PK = torch.nn.functional.one_hot(k_P, K).bool() if K else torch.zeros(0, 0, dtype=torch.bool)
-    send_counts_S = torch.bincount(m_P, minlength=S)
+    send_counts_S = count_members(m_P, S)
     return StageLayout(src_row_P, mask_PK.reshape(src_row_P.numel(), K), send_counts_S)
 
 
@@ -94,17 +111,18 @@ class ExpandLayout:
     counts_e: torch.Tensor
 
 
-def expand_layout(phys_RK: torch.Tensor, local_experts: int) -> ExpandLayout:
+def expand_layout(phys_RK: torch.Tensor, local_experts: int, size: int | None = None) -> ExpandLayout:
     """Group the selections that arrived on this rank by local slot.
 
     phys_RK: int64 [R, K], physical expert id of each carried selection (all on this rank), -1 if none.
+    size: Q if the caller knows it (the layer's count exchange does): no host sync.
     """
     R, K = phys_RK.shape
     e = local_experts
     slot_RK = torch.where(phys_RK >= 0, phys_RK % e, e)
     hit_eRK = slot_RK.unsqueeze(0) == torch.arange(e, device=phys_RK.device).view(e, 1, 1)
-    slot_Q, src_row_Q, src_k_Q = hit_eRK.nonzero(as_tuple=True)
-    return ExpandLayout(src_row_Q, src_k_Q, torch.bincount(slot_Q, minlength=e))
+    slot_Q, src_row_Q, src_k_Q = _nonzero(hit_eRK, size)
+    return ExpandLayout(src_row_Q, src_k_Q, count_members(slot_Q, e))
 
 
 def combine_rows(y_QH: torch.Tensor, w_Q: torch.Tensor, dst_row_Q: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -99,7 +99,8 @@ def _blocks(rows: int, S: int, device: torch.device) -> tuple[int, int]:
     return max(1, min(pow2(rows), max(1, 65536 // block_s))), block_s
 
 
-def _layout(dest_RK: torch.Tensor, divisor: int, S: int, dedup: bool, write_mask: bool, write_k: bool):
+def _layout(dest_RK: torch.Tensor, divisor: int, S: int, dedup: bool, write_mask: bool, write_k: bool,
+            size: int | None = None):
     """(src_row_P, mask_PK or None, src_k_P or None, counts_S), all in reference order."""
     check_tensor(dest_RK)
     dest_RK = dest_RK.contiguous()
@@ -119,7 +120,8 @@ def _layout(dest_RK: torch.Tensor, divisor: int, S: int, dedup: bool, write_mask
     member_start_S = torch.cumsum(counts_S, 0) - counts_S
     block_base = member_start_S + torch.cumsum(block_cnt, 0) - block_cnt
     counts_S = counts_S[:S]
-    P = int(counts_S.sum())  # host sync: the buffers' size, as the reference's nonzero() also needs
+    # the buffers' size: known from the layer's count exchange, else a host sync (as nonzero() needs)
+    P = int(counts_S.sum()) if size is None else size
     src_row_P = torch.empty(P, dtype=torch.int64, device=dev)
     mask_PK = torch.zeros(P, K, dtype=torch.uint8, device=dev) if write_mask else src_row_P
     src_k_P = torch.empty(P, dtype=torch.int64, device=dev) if write_k else src_row_P
@@ -135,20 +137,22 @@ def _layout(dest_RK: torch.Tensor, divisor: int, S: int, dedup: bool, write_mask
     )
 
 
-def stage_layout(dest_rank_RK: torch.Tensor, divisor: int, group_size: int, dedup: bool) -> StageLayout:
+def stage_layout(
+    dest_rank_RK: torch.Tensor, divisor: int, group_size: int, dedup: bool, size: int | None = None
+) -> StageLayout:
     """Triton ``reference.stage_layout``: dest_rank_RK int [R, K] (-1 = none) -> StageLayout.
 
     src_row_P int64 [P] in split order (member, then row, then k); mask_PK bool [P, K];
     send_counts_S int64 [S].
     """
-    src_row_P, mask_PK, _, counts_S = _layout(dest_rank_RK, divisor, group_size, dedup, True, False)
+    src_row_P, mask_PK, _, counts_S = _layout(dest_rank_RK, divisor, group_size, dedup, True, False, size)
     return StageLayout(src_row_P, mask_PK, counts_S)
 
 
-def expand_layout(phys_RK: torch.Tensor, local_experts: int) -> ExpandLayout:
+def expand_layout(phys_RK: torch.Tensor, local_experts: int, size: int | None = None) -> ExpandLayout:
     """Triton ``reference.expand_layout``: phys_RK int [R, K] (-1 = none) -> rows grouped by slot.
 
     src_row_Q, src_k_Q int64 [Q] ordered (slot, row, k); counts_e int64 [e].
     """
-    src_row_Q, _, src_k_Q, counts_e = _layout(phys_RK, 1, local_experts, False, False, True)
+    src_row_Q, _, src_k_Q, counts_e = _layout(phys_RK, 1, local_experts, False, False, True, size)
     return ExpandLayout(src_row_Q, src_k_Q, counts_e)

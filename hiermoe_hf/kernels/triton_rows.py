@@ -98,7 +98,9 @@ def segment_sum(
     # Group inputs by destination: CSR of dst (stable, so each segment sums in ascending q).
     order_Q = torch.argsort(dst_row_Q, stable=True)
     start_R1 = torch.zeros(num_rows + 1, dtype=torch.int64, device=y_QH.device)
-    torch.cumsum(torch.bincount(dst_row_Q, minlength=num_rows)[:num_rows], 0, out=start_R1[1:])
+    per_row = torch.zeros(num_rows, dtype=torch.int64, device=y_QH.device)  # scatter-add: no host sync
+    dst64 = dst_row_Q.to(torch.int64)
+    torch.cumsum(per_row.scatter_add_(0, dst64, torch.ones_like(dst64)), 0, out=start_R1[1:])
     w_arg = w_Q.contiguous() if w_Q is not None else y_QH
     mask_arg = mask_PH.contiguous().view(torch.uint8) if mask_PH is not None else y_QH
     block_r, block_h = row_blocks(num_rows, H, y_QH.device)

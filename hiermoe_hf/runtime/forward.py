@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from hiermoe_hf.cost.auto import pick_strategy
+from hiermoe_hf.exchange.comm import meta_row_bytes, whole_group
 from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch, stage_stats
 from hiermoe_hf.exchange.experts import local_experts_forward
+from hiermoe_hf.exchange.layer_counts import LayerCounts, exchange_counts
 from hiermoe_hf.kernels import select_ops
 from hiermoe_hf.runtime import guards
 from hiermoe_hf.runtime.registry import LAYER_ATTR
@@ -30,23 +31,25 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         layer.placement = placement = placement.to(topk_ids_TK.device)
     phys_TK = placement.phys_of_E[topk_ids_TK]
     ops = select_ops(rt.config.kernels, hidden_TH.device)
-    strategy, predicted = _choose(rt, phys_TK // e, hidden_TH)
+    counts = _count(rt, phys_TK // e, hidden_TH)  # the layer's one collective before rows move
+    strategy = counts.strategy
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
     t0 = Elapsed.mark(hidden_TH)
-    x_RH, phys_RK, w_RK, handle = dispatch(hidden_TH, phys_TK, topk_w_TK, plan, ops)
+    x_RH, phys_RK, w_RK, handle = dispatch(hidden_TH, phys_TK, topk_w_TK, plan, ops, counts)
     t1 = Elapsed.mark(hidden_TH)
-    y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops)
+    y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops, counts.arriving)
     t2 = Elapsed.mark(hidden_TH)
     out_TH = combine(y_RH, handle, ops)
     t3 = Elapsed.mark(hidden_TH)
     row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
-    meta_bytes = K * (4 + (8 if topk_w_TK.dtype == torch.float64 else 4))
+    meta_bytes = meta_row_bytes(K, topk_w_TK.dtype)
+    predicted = {} if counts.predicted_ms is None else dict(zip(counts.candidates, counts.predicted_ms.unbind()))
     layer.last = ForwardRecord(
         strategy=strategy,
         tokens=T,
         kernels=ops.name,
         stages=tuple(stage_stats(handle, plan, row_bytes, meta_bytes)),
-        load_per_rank=torch.bincount((phys_TK // e).flatten(), minlength=rt.world_size),
+        load_per_rank=counts.load_per_rank,
         predicted_ms=predicted.get(strategy),
         predicted_ms_by_strategy=predicted,
         measured_ms=Elapsed((t0, t1), (t2, t3)),
@@ -59,8 +62,11 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
     return out_TH
 
 
-def _choose(rt: Runtime, dest_rank_TK: torch.Tensor, hidden_TH: torch.Tensor) -> tuple[str, dict]:
-    if rt.config.dispatch != "auto":
-        return rt.config.dispatch, {}
+def _count(rt: Runtime, dest_rank_TK: torch.Tensor, hidden_TH: torch.Tensor) -> LayerCounts:
+    """Split sizes of every stage (and, for ``auto``, the choice) from one collective and one host read."""
+    fixed = rt.config.dispatch != "auto"
+    candidates = (rt.config.dispatch,) if fixed else tuple(rt.topology.strategies())
     row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
-    return pick_strategy(rt.topology, rt.topology.strategies(), dest_rank_TK, row_bytes, rt.cost_model)
+    return exchange_counts(
+        rt.topology, whole_group(rt.topology, rt.groups), rt.rank, candidates, dest_rank_TK, row_bytes, rt.cost_model
+    )

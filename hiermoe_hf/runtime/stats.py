@@ -18,6 +18,8 @@ def _host(value):
         return value.tolist()
     if isinstance(value, (list, tuple)):
         return [dict(v) if isinstance(v, dict) else v for v in value]
+    if isinstance(value, dict):
+        return {k: _host(v) for k, v in value.items()}
     return value
 
 

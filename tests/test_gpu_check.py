@@ -1,0 +1,37 @@
+"""scripts/gpu_check runs its CPU-checkable parts (grouped GEMM vs loop, the one-rank layer path vs
+Transformers' experts) so the GPU script cannot rot between GPU runs; without a GPU and without
+--cpu it refuses with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO / "scripts" / "gpu_check"), *args, "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+
+def test_gpu_check_cpu_parts(tmp_path):
+    p = _run("--cpu", out=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["ok"] and res["grouped_vs_loop"]["grouped_available"]
+    assert res["grouped_vs_loop"]["rel_diff"] <= 1e-5
+    assert res["layer_torch"]["rel_diff_vs_transformers"] <= 1e-5
+
+
+def test_gpu_check_refuses_without_gpu(tmp_path):
+    if torch.cuda.is_available():
+        return
+    p = _run(out=tmp_path)
+    assert p.returncode == 2 and "--cpu" in p.stderr

@@ -1,0 +1,73 @@
+"""Local experts as grouped GEMMs (issue 13 item 4): same outputs and gradients as the per-slot
+loop and as Transformers' unpatched experts, and no host read on the grouped path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hiermoe_hf.exchange import experts as ex
+from hiermoe_hf.kernels import TORCH_OPS
+from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qwen3_moe_config
+
+CONFIGS = {"qwen3_moe": tiny_qwen3_moe_config, "deepseek_v3": tiny_deepseek_v3_config}
+
+
+def _experts(name: str):
+    model = build_model(CONFIGS[name](), seed=3).train()
+    return next(m for n, m in model.named_modules() if n.endswith("mlp.experts"))
+
+
+def _rows(E: int, K: int, R: int, H: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    phys = torch.rand(R, E, generator=g).topk(K, dim=1).indices
+    phys[torch.rand(R, K, generator=g) < 0.3] = -1  # selections a row does not carry
+    w = torch.rand(R, K, generator=g, dtype=torch.float32)
+    x = torch.randn(R, H, generator=g)
+    return x, phys, torch.where(phys >= 0, w, 0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_grouped_equals_loop_and_transformers(name):
+    experts = _experts(name)
+    E, H = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+    assert ex.can_group(experts, torch.zeros(4, H))  # torch 2.13 has a CPU grouped_mm kernel
+    x, phys, w = _rows(E, 3, 37, H, seed=1)
+    outs = {}
+    for grouped in (True, False):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        experts.zero_grad()
+        y, counts = ex.local_experts_forward(experts, xg, phys, wg, E, TORCH_OPS, int((phys >= 0).sum()), grouped)
+        (y * torch.linspace(-1, 1, H)).sum().backward()
+        grads = (experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone())
+        outs[grouped] = (y.detach(), xg.grad, wg.grad) + grads
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Transformers' own forward on the same routing (-1 selections: weight 0 on expert 0)
+    ref = type(experts).forward(experts, x, phys.clamp(min=0), w)
+    torch.testing.assert_close(outs[True][0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_path_reads_nothing_back(monkeypatch):
+    experts = _experts("qwen3_moe")
+    E, H = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+    x, phys, w = _rows(E, 2, 20, H, seed=2)
+    reads = []
+    for name in ("tolist", "item", "cpu"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _o=orig, _n=name, **k):
+            reads.append(_n)
+            return _o(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    ex.local_experts_forward(experts, x, phys, w, E, TORCH_OPS, int((phys >= 0).sum()), grouped=True)
+    assert reads == []
+    ex.local_experts_forward(experts, x, phys, w, E, TORCH_OPS, int((phys >= 0).sum()), grouped=False)
+    assert reads == ["tolist"]  # the loop fallback needs the slot sizes on the host
+
+
+def test_eager_implementation_falls_back_to_loop():
+    experts = _experts("qwen3_moe")
+    experts.config._experts_implementation = "eager"
+    assert not ex.can_group(experts, torch.zeros(1, experts.gate_up_proj.shape[2]))

@@ -1,0 +1,146 @@
+"""Collectives and host reads of one training step (issue 13): counted on 4 gloo ranks (2x2).
+
+Every ``torch.distributed`` collective the step issues is counted (a plain step without DDP runs
+none but the layer's). Host reads (``Tensor.tolist/item/cpu/numpy`` and ``int()/float()/bool()``
+of a tensor) are counted while the patched experts forward runs and over the whole backward (the
+only Python that runs in the backward is the exchange's autograd functions). ``bincount`` and
+``nonzero`` hide a host read on CUDA: they are counted too and must not appear. Budgets per MoE
+layer and step: ``hd2``/``2dh`` <= 9 collectives, ``a2a``/``hd1`` <= 5; one host read in the
+forward, none in the backward; ``auto`` costs exactly what the strategy it picked costs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import hiermoe_hf
+from hiermoe_hf.runtime.registry import moe_layers
+from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qwen3_moe_config
+
+COLLECTIVES = (
+    "all_to_all_single", "all_to_all", "all_reduce", "all_gather", "all_gather_into_tensor",
+    "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "barrier", "send", "recv",
+    "isend", "irecv", "batch_isend_irecv", "all_gather_object", "broadcast_object_list",
+)
+HOST_READS = ("tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+HIDDEN_SYNCS = ("bincount", "nonzero")
+BUDGET = {"a2a": 5, "hd1": 5, "2dh": 9, "hd2": 9}
+
+
+class Counter:
+    """Counts calls while installed; host reads only while ``active``."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+        self.active = False
+
+    def bump(self, key: str, counted: bool = True) -> None:
+        if counted:
+            self.calls[key] = self.calls.get(key, 0) + 1
+
+    @contextlib.contextmanager
+    def installed(self):
+        saved = []
+
+        def wrap(owner, name, key, always):
+            orig = getattr(owner, name)
+
+            def counted(*args, **kwargs):
+                self.bump(key, always or self.active)
+                return orig(*args, **kwargs)
+
+            saved.append((owner, name, orig))
+            setattr(owner, name, counted)
+
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                wrap(dist, name, f"collective.{name}", True)
+        for name in HOST_READS:
+            wrap(torch.Tensor, name, f"read.{name}", False)
+        for name in HIDDEN_SYNCS:
+            wrap(torch, name, f"sync.{name}", False)
+        wrap(torch.Tensor, "nonzero", "sync.nonzero", False)
+        wrap(torch.Tensor, "bincount", "sync.bincount", False)
+        try:
+            yield self
+        finally:
+            for owner, name, orig in reversed(saved):
+                setattr(owner, name, orig)
+
+    def total(self, prefix: str) -> int:
+        return sum(v for k, v in self.calls.items() if k.startswith(prefix))
+
+
+def _watch_forwards(model, counter: Counter) -> None:
+    """Count host reads only inside each patched experts forward."""
+    for _, (experts, _) in moe_layers(model).items():
+        inner = experts.forward
+
+        def fwd(*args, _inner=inner, **kwargs):
+            counter.active = True
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                counter.active = False
+
+        experts.forward = fwd
+
+
+def count_step(model_name: str, strategy: str, overlap_chunks: int | None = None) -> dict:
+    cfg = tiny_qwen3_moe_config() if model_name == "qwen3_moe" else tiny_deepseek_v3_config()
+    model = build_model(cfg).train()
+    kw = {} if overlap_chunks is None else {"overlap_chunks": overlap_chunks}
+    cfg = hiermoe_hf.HierMoEConfig(
+        topology="2x2", dispatch=strategy, kernels="torch", cost_model="hiermoe-paper", **kw
+    )
+    hiermoe_hf.patch(model, cfg)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5 + dist.get_rank()))
+    model(ids, labels=ids).loss.backward()  # warm-up: lazily built state is not the per-step cost
+    model.zero_grad()
+    fwd, bwd = Counter(), Counter()
+    with fwd.installed():
+        _watch_forwards(model, fwd)
+        loss = model(ids, labels=ids).loss
+    with bwd.installed():
+        bwd.active = True
+        loss.backward()
+    layers = len(moe_layers(model))
+    stats = hiermoe_hf.stats(model)
+    return {
+        "layers": layers,
+        "collectives": fwd.total("collective.") + bwd.total("collective."),
+        "forward_reads": fwd.total("read."),
+        "backward_reads": bwd.total("read."),
+        "hidden_syncs": fwd.total("sync.") + bwd.total("sync."),
+        "calls": {"forward": fwd.calls, "backward": bwd.calls},
+        "strategies": [s["strategy"] for s in stats.values()],
+    }
+
+
+def _per_layer(result: dict) -> dict:
+    L = result["layers"]
+    return {k: result[k] / L for k in ("collectives", "forward_reads", "backward_reads", "hidden_syncs")}
+
+
+@pytest.mark.parametrize("model_name", ["qwen3_moe", "deepseek_v3"])
+def test_budgets_per_strategy_and_auto_free(ranks, model_name):
+    pool = ranks(4)
+    fixed = {}
+    for strategy in ("a2a", "2dh", "hd1", "hd2"):
+        results = pool.run(count_step, model_name, strategy)
+        for r in results:
+            per = _per_layer(r)
+            assert per["collectives"] <= BUDGET[strategy], (strategy, per, r["calls"])
+            assert per["forward_reads"] <= 1, (strategy, per, r["calls"])
+            assert per["backward_reads"] == 0, (strategy, per, r["calls"])
+            assert per["hidden_syncs"] == 0, (strategy, per, r["calls"])
+            assert r["strategies"] == [strategy] * r["layers"]
+        fixed[strategy] = _per_layer(results[0])
+    for r in pool.run(count_step, model_name, "auto"):
+        want = {k: sum(fixed[s][k] for s in r["strategies"]) for k in fixed["a2a"]}
+        got = {k: r[k] for k in ("collectives", "forward_reads", "backward_reads", "hidden_syncs")}
+        assert got == want, (r["strategies"], got, want, r["calls"])
