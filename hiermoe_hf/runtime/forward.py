@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from hiermoe_hf.cost.auto import pick_strategy
@@ -17,8 +19,11 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
     layer: LayerState = getattr(self, LAYER_ATTR)
     rt = layer.runtime
     T, K = topk_ids_TK.shape
+    recompute = _recomputing()
+    if recompute and layer.records_routing:
+        layer.routing.count_pass()  # one more exchange of routing already recorded (not a new batch)
     if rt.world_size == 1:
-        layer.last = ForwardRecord("local", T, "torch", (), [T * K])
+        layer.last = ForwardRecord("local", T, "torch", (), [T * K], recompute=recompute)
         return type(self).forward(self, hidden_TH, topk_ids_TK, topk_w_TK)
     e = layer.local_experts
     placement = layer.placement
@@ -31,13 +36,11 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
     t0 = Elapsed.mark(hidden_TH)
     x_RH, phys_RK, w_RK, handle = dispatch(hidden_TH, phys_TK, topk_w_TK, plan, ops)
     t1 = Elapsed.mark(hidden_TH)
-    y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops)
-    t2 = Elapsed.mark(hidden_TH)
-    out_TH = combine(y_RH, handle, ops)
-    t3 = Elapsed.mark(hidden_TH)
     row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
     meta_bytes = K * (4 + (8 if topk_w_TK.dtype == torch.float64 else 4))
-    layer.last = ForwardRecord(
+    # Recorded once the dispatch is done: a non-reentrant checkpoint recompute may be stopped early
+    # (torch's early stop) after it, and its dispatch traffic must still be counted.
+    layer.last = record = ForwardRecord(
         strategy=strategy,
         tokens=T,
         kernels=ops.name,
@@ -45,14 +48,27 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         load_per_rank=torch.bincount((phys_TK // e).flatten(), minlength=rt.world_size),
         predicted_ms=predicted.get(strategy),
         predicted_ms_by_strategy=predicted,
-        measured_ms=Elapsed((t0, t1), (t2, t3)),
+        measured_ms=Elapsed((t0, t1)),
         cost_model=rt.cost_model.source,
         cost_model_defaults=bool(rt.cost_model.defaults_used),
-        expert_rows=counts_e.sum(),
+        recompute=recompute,
     )
+    y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops)
+    t2 = Elapsed.mark(hidden_TH)
+    out_TH = combine(y_RH, handle, ops)
+    t3 = Elapsed.mark(hidden_TH)
+    layer.last = replace(record, measured_ms=Elapsed((t0, t1), (t2, t3)), expert_rows=counts_e.sum())
     if layer.records_routing:
-        layer.routing.record(topk_ids_TK, placement.num_experts, hidden_TH.requires_grad)
+        if not recompute:  # the window holds each routing once; this forward is one exchange pass
+            layer.routing.record(topk_ids_TK, placement.num_experts, training=False)
+        if out_TH.requires_grad:  # its backward is one more pass, counted when (and each time) it runs
+            out_TH.register_hook(layer.routing.count_pass)
     return out_TH
+
+
+def _recomputing() -> bool:
+    """True when this forward runs inside a backward: a gradient-checkpointing recompute (reentrant or not)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _choose(rt: Runtime, dest_rank_TK: torch.Tensor, hidden_TH: torch.Tensor) -> tuple[str, dict]:
