@@ -31,12 +31,17 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         layer.placement = placement = placement.to(topk_ids_TK.device)
     phys_TK = placement.phys_of_E[topk_ids_TK]
     ops = select_ops(rt.config.kernels, hidden_TH.device)
-    strategy, predicted = _choose(rt, phys_TK // e, hidden_TH)
+    # Rows go out in the compute dtype (autocast's, e.g. bf16 for an fp32 model) and come back in the
+    # dtype Transformers sums a token's expert outputs in (the wider of the block's and the experts'):
+    # they carry partial sums. The block returns its input's dtype, as Transformers' experts do.
+    x_TH = hidden_TH.to(_compute_dtype(hidden_TH))
+    sum_dtype = torch.promote_types(hidden_TH.dtype, getattr(self, layer.param_names[0]).dtype)
+    strategy, predicted = _choose(rt, phys_TK // e, x_TH)
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
     t0 = Elapsed.mark(hidden_TH)
-    x_RH, phys_RK, w_RK, handle = dispatch(hidden_TH, phys_TK, topk_w_TK, plan, ops)
+    x_RH, phys_RK, w_RK, handle = dispatch(x_TH, phys_TK, topk_w_TK, plan, ops)
     t1 = Elapsed.mark(hidden_TH)
-    row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
+    row_bytes = x_TH.shape[1] * x_TH.element_size()
     meta_bytes = K * (4 + (8 if topk_w_TK.dtype == torch.float64 else 4))
     # Recorded once the dispatch is done: a non-reentrant checkpoint recompute may be stopped early
     # (torch's early stop) after it, and its dispatch traffic must still be counted.
@@ -53,9 +58,9 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         cost_model_defaults=bool(rt.cost_model.defaults_used),
         recompute=recompute,
     )
-    y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops)
+    y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops, out_dtype=sum_dtype)
     t2 = Elapsed.mark(hidden_TH)
-    out_TH = combine(y_RH, handle, ops)
+    out_TH = combine(y_RH, handle, ops).to(hidden_TH.dtype)
     t3 = Elapsed.mark(hidden_TH)
     layer.last = replace(record, measured_ms=Elapsed((t0, t1), (t2, t3)), expert_rows=counts_e.sum())
     if layer.records_routing:
@@ -64,6 +69,14 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         if out_TH.requires_grad:  # its backward is one more pass, counted when (and each time) it runs
             out_TH.register_hook(layer.routing.count_pass)
     return out_TH
+
+
+def _compute_dtype(hidden_TH: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' GEMMs take their input in: autocast's when it is on, else the rows' own."""
+    device = hidden_TH.device.type
+    if torch.is_autocast_enabled(device) and hidden_TH.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return hidden_TH.dtype
 
 
 def _recomputing() -> bool:
