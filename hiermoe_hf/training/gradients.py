@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
@@ -21,6 +22,8 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
     """Average dense grads over ranks; divide expert grads (already summed over all ranks' tokens) by W.
 
     The result equals single-process training on the global batch with the loss averaged over ranks.
+    Dense grads sharded by FSDP2 (``hiermoe_hf.shard_dense``: DTensors) were already reduce-scattered
+    and averaged by its backward: they are left alone.
     """
     world = runtime_of(model).world_size
     if world == 1:
@@ -32,7 +35,7 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
             continue
         if id(p) in expert_ids:
             p.grad.div_(world)
-        else:
+        elif not isinstance(p.grad, DTensor):
             dense.append(p.grad)
     for dtype in {g.dtype for g in dense}:
         grads = [g for g in dense if g.dtype == dtype]
