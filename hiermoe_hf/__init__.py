@@ -14,10 +14,11 @@ from hiermoe_hf.runtime.registry import is_patched
 from hiermoe_hf.runtime.stats import stats
 from hiermoe_hf.swap.round import swap_experts
 from hiermoe_hf.topology import Topology
+from hiermoe_hf.training.fsdp import shard_dense
 from hiermoe_hf.training.gradients import all_reduce_gradients
 
 __all__ = [
-    "HierMoEConfig", "Topology", "all_reduce_gradients", "from_pretrained", "is_patched", "patch", "stats",
-    "swap_experts", "unpatch",
+    "HierMoEConfig", "Topology", "all_reduce_gradients", "from_pretrained", "is_patched", "patch", "shard_dense",
+    "stats", "swap_experts", "unpatch",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ before ``patch`` shards nothing more (the slots already hold the contiguous plac
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 
@@ -25,6 +26,7 @@ from transformers.core_model_loading import WeightConverter
 from transformers.models.auto.auto_factory import _get_model_class
 
 from hiermoe_hf import patches
+from hiermoe_hf.checkpoint.fp8 import Fp8Format, Fp8Reader
 from hiermoe_hf.checkpoint.hub import resolve_on_all_ranks
 from hiermoe_hf.checkpoint.keys import EXPERT_PROJECTIONS, expert_key, fused_key, per_expert_key_pattern, row_parts
 from hiermoe_hf.config import HierMoEConfig
@@ -76,7 +78,8 @@ def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None =
             if hf_kwargs.get(k) is not None:
                 model_kwargs[k] = hf_kwargs[k]
     else:
-        model_kwargs = hf_kwargs
+        config, model_kwargs = copy.deepcopy(config), hf_kwargs
+    fp8 = Fp8Format.take_from(config)  # FP8 weights are dequantized while read; the model is plain
     adapter = patches.adapter_for(config)
     num_experts = adapter.num_experts(config)
     if num_experts % world:
@@ -85,7 +88,7 @@ def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None =
             f"use a world size that divides {num_experts}"
         )
     base = _get_model_class(config, AutoModelForCausalLM._model_mapping)
-    model = _local_experts_class(base).from_pretrained(folder, config=config, **model_kwargs)
+    model = _local_experts_class(base, fp8).from_pretrained(folder, config=config, **model_kwargs)
     model.__class__ = base  # the subclass only existed to swap the loading step
     model.config.name_or_path = os.fspath(name_or_path)  # as given (a repo id, not its cache folder)
     return patch_experts(model, cfg, experts_are_local=True)  # the loader read only this rank's experts
@@ -107,18 +110,18 @@ def _check_device_map(device_map) -> None:
 
 
 @functools.cache
-def _local_experts_class(base: type) -> type:
+def _local_experts_class(base: type, fp8: Fp8Format | None = None) -> type:
     """``base`` with only its weight-loading step replaced (same name and module, so Transformers'
-    source-inspecting checks behave as for ``base``)."""
+    source-inspecting checks behave as for ``base``); ``fp8``: the checkpoint's FP8 block format."""
 
     def load(model, state_dict, checkpoint_files, load_config, expected_keys=None):
-        return _load_with_local_experts(base, model, state_dict, checkpoint_files, load_config, expected_keys)
+        return _load_with_local_experts(base, model, state_dict, checkpoint_files, load_config, expected_keys, fp8)
 
     attrs = {"__module__": base.__module__, "__qualname__": base.__qualname__}
     return type(base.__name__, (base,), {**attrs, "_load_pretrained_model": staticmethod(load)})
 
 
-def _load_with_local_experts(base, model, state_dict, checkpoint_files, load_config, expected_keys):
+def _load_with_local_experts(base, model, state_dict, checkpoint_files, load_config, expected_keys, fp8=None):
     files = [os.fspath(f) for f in checkpoint_files or []]
     if state_dict is not None or not files or not all(f.endswith(".safetensors") for f in files):
         raise ValueError(f"hiermoe_hf.from_pretrained reads safetensors checkpoints only; found {files or 'none'}")
@@ -126,7 +129,7 @@ def _load_with_local_experts(base, model, state_dict, checkpoint_files, load_con
     adapter = patches.adapter_for(model.config)
     num_experts = adapter.num_experts(model.config)
     local = num_experts // world
-    reader = _ShardReader(files)
+    reader = _ShardReader(files) if fp8 is None else Fp8Reader(_ShardReader(files), fp8)
     try:
         weights, by_block = {}, {}
         for key in reader.keys():  # expert keys, grouped by block, are replaced by the stand-ins

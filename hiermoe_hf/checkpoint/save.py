@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from huggingface_hub import get_torch_storage_id, get_torch_storage_size, split_state_dict_into_shards_factory
+from torch.distributed.tensor import DTensor
 from transformers.core_model_loading import dot_natural_key
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
@@ -223,10 +224,24 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _piece_bytes(model: torch.nn.Module, piece: Piece, layers: dict) -> torch.Tensor:
+def _gather_sharded(model: torch.nn.Module, round_: list[Piece]) -> dict[str, torch.Tensor]:
+    """Full tensors of this round's FSDP2-sharded dense pieces (``shard_dense``). Collective: every
+    rank walks the same rounds, so the all-gathers match; only rank 0 keeps them (for one round)."""
+    out = {}
+    for piece in round_:
+        if piece.dense_key is not None:
+            tensor = model.get_parameter_or_buffer(piece.dense_key)
+            if isinstance(tensor, DTensor):
+                out[piece.dense_key] = tensor.detach().full_tensor()
+    return out
+
+
+def _piece_bytes(model: torch.nn.Module, piece: Piece, layers: dict, gathered: dict | None = None) -> torch.Tensor:
     """This rank's bytes of ``piece``, as a flat uint8 tensor."""
     if piece.dense_key is not None:
-        tensor = model.get_parameter_or_buffer(piece.dense_key)
+        tensor = (gathered or {}).get(piece.dense_key)
+        if tensor is None:
+            tensor = model.get_parameter_or_buffer(piece.dense_key)
     else:
         experts, layer = layers[piece.block]
         slot = layer.placement.slot_of(piece.expert)
@@ -264,6 +279,7 @@ def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | 
             error = traceback.format_exc()
     pieces = [p for entry, _ in ordered for p in entry.pieces]
     for round_ in _rounds(pieces):
+        gathered = _gather_sharded(model, round_)
         if rank != 0:
             mine = [_piece_bytes(model, p, layers) for p in round_ if p.owner == rank]
             if mine:
@@ -281,7 +297,7 @@ def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | 
         try:
             for piece in round_:
                 if piece.owner == 0:
-                    data = _piece_bytes(model, piece, layers).cpu()
+                    data = _piece_bytes(model, piece, layers, gathered).cpu()
                 else:
                     buf, at = received[piece.owner]
                     data, received[piece.owner] = buf[at : at + piece.nbytes], (buf, at + piece.nbytes)

@@ -52,6 +52,10 @@ def grouped_linear(x_QI: torch.Tensor, w_eOI: torch.Tensor, offs_e: torch.Tensor
     w_eOI: [e, O, I] (Transformers' layout; [e, I, O] when ``transposed``); offs_e int32 [e] ends.
     """
     w = w_eOI if transposed else w_eOI.transpose(-2, -1)
+    device = x_QI.device.type
+    if torch.is_autocast_enabled(device):  # as F.linear under autocast: both operands in its dtype
+        dtype = torch.get_autocast_dtype(device)
+        return _grouped_mm_fn()(x_QI.to(dtype), w.to(dtype), offs=offs_e)
     return _grouped_mm_fn()(x_QI.to(w.dtype), w, offs=offs_e)
 
 
@@ -82,6 +86,7 @@ def local_experts_forward(
     ops: SimpleNamespace,
     arriving: int | None = None,
     grouped: bool | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every carried selection through its local expert and sum a row's weighted outputs.
 
@@ -92,12 +97,23 @@ def local_experts_forward(
         w_RK: [R, K] routing weights.
         arriving: Q, the carried selections (from the layer's count exchange; None = count here).
         grouped: force the grouped GEMM (True) or the loop (False); None = ``can_group``.
+        out_dtype: dtype of y (default: the experts' output dtype); the weighted sum is in fp32 or wider.
     Returns:
         (y_RH [R, H] = sum_k w_k * expert_k(x), counts_e int64 [e] rows per local slot).
+
+    Dtypes as Transformers' experts: under autocast the GEMMs run in the autocast dtype; otherwise rows
+    are cast to the weights' dtype (e.g. bf16 rows from an FSDP2 mixed-precision model, fp32 experts).
     """
     layout = ops.expand_layout(phys_RK, local_experts, arriving)
     x_QH = ops.pack_rows(x_RH, layout.src_row_Q)
     w_Q = w_RK[layout.src_row_Q, layout.src_k_Q]
+    if not torch.is_autocast_enabled(x_QH.device.type):
+        x_QH = x_QH.to(experts.gate_up_proj.dtype)
     use_grouped = can_group(experts, x_QH) if grouped is None else grouped
     y_QH = (_mlp_grouped if use_grouped else _mlp_loop)(experts, x_QH, layout.counts_e)
+    if torch.promote_types(y_QH.dtype, w_Q.dtype).itemsize < 4:
+        # Transformers' experts round the weighted output to bf16/fp16 before summing: do the same.
+        y_QH, w_Q = y_QH * w_Q.unsqueeze(1), torch.ones_like(w_Q, dtype=torch.float32)
+    if out_dtype is not None:
+        y_QH = y_QH.to(out_dtype)
     return ops.combine_rows(y_QH, w_Q, layout.src_row_Q, x_RH.shape[0]), layout.counts_e

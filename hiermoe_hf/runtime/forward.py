@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from hiermoe_hf.exchange.comm import meta_row_bytes, whole_group
@@ -19,8 +21,11 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
     layer: LayerState = getattr(self, LAYER_ATTR)
     rt = layer.runtime
     T, K = topk_ids_TK.shape
+    recompute = _recomputing()
+    if recompute and layer.records_routing:
+        layer.routing.count_pass()  # one more exchange of routing already recorded (not a new batch)
     if rt.world_size == 1:
-        layer.last = ForwardRecord("local", T, "torch", (), [T * K])
+        layer.last = ForwardRecord("local", T, "torch", (), [T * K], recompute=recompute)
         return type(self).forward(self, hidden_TH, topk_ids_TK, topk_w_TK)
     e = layer.local_experts
     placement = layer.placement
@@ -31,20 +36,23 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         layer.placement = placement = placement.to(topk_ids_TK.device)
     phys_TK = placement.phys_of_E[topk_ids_TK]
     ops = select_ops(rt.config.kernels, hidden_TH.device)
-    counts = _count(rt, phys_TK // e, hidden_TH)  # the layer's one collective before rows move
+    # Rows go out in the compute dtype (autocast's, e.g. bf16 for an fp32 model) and come back in the
+    # dtype Transformers sums a token's expert outputs in (the wider of the block's and the experts'):
+    # they carry partial sums. The block returns its input's dtype, as Transformers' experts do.
+    x_TH = hidden_TH.to(_compute_dtype(hidden_TH))
+    sum_dtype = torch.promote_types(hidden_TH.dtype, getattr(self, layer.param_names[0]).dtype)
+    counts = _count(rt, phys_TK // e, x_TH)  # the layer's one collective before rows move
     strategy = counts.strategy
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
     t0 = Elapsed.mark(hidden_TH)
-    x_RH, phys_RK, w_RK, handle = dispatch(hidden_TH, phys_TK, topk_w_TK, plan, ops, counts)
+    x_RH, phys_RK, w_RK, handle = dispatch(x_TH, phys_TK, topk_w_TK, plan, ops, counts)
     t1 = Elapsed.mark(hidden_TH)
-    y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops, counts.arriving)
-    t2 = Elapsed.mark(hidden_TH)
-    out_TH = combine(y_RH, handle, ops)
-    t3 = Elapsed.mark(hidden_TH)
-    row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
+    row_bytes = x_TH.shape[1] * x_TH.element_size()
     meta_bytes = meta_row_bytes(K, topk_w_TK.dtype)
     predicted = {} if counts.predicted_ms is None else dict(zip(counts.candidates, counts.predicted_ms.unbind()))
-    layer.last = ForwardRecord(
+    # Recorded once the dispatch is done: a non-reentrant checkpoint recompute may be stopped early
+    # (torch's early stop) after it, and its dispatch traffic must still be counted.
+    layer.last = record = ForwardRecord(
         strategy=strategy,
         tokens=T,
         kernels=ops.name,
@@ -52,21 +60,42 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         load_per_rank=counts.load_per_rank,
         predicted_ms=predicted.get(strategy),
         predicted_ms_by_strategy=predicted,
-        measured_ms=Elapsed((t0, t1), (t2, t3)),
+        measured_ms=Elapsed((t0, t1)),
         cost_model=rt.cost_model.source,
         cost_model_defaults=bool(rt.cost_model.defaults_used),
-        expert_rows=counts_e.sum(),
+        recompute=recompute,
     )
+    y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops, counts.arriving, out_dtype=sum_dtype)
+    t2 = Elapsed.mark(hidden_TH)
+    out_TH = combine(y_RH, handle, ops).to(hidden_TH.dtype)
+    t3 = Elapsed.mark(hidden_TH)
+    layer.last = replace(record, measured_ms=Elapsed((t0, t1), (t2, t3)), expert_rows=counts_e.sum())
     if layer.records_routing:
-        layer.routing.record(topk_ids_TK, placement.num_experts, hidden_TH.requires_grad)
+        if not recompute:  # the window holds each routing once; this forward is one exchange pass
+            layer.routing.record(topk_ids_TK, placement.num_experts, training=False)
+        if out_TH.requires_grad:  # its backward is one more pass, counted when (and each time) it runs
+            out_TH.register_hook(layer.routing.count_pass)
     return out_TH
 
 
-def _count(rt: Runtime, dest_rank_TK: torch.Tensor, hidden_TH: torch.Tensor) -> LayerCounts:
+def _compute_dtype(hidden_TH: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' GEMMs take their input in: autocast's when it is on, else the rows' own."""
+    device = hidden_TH.device.type
+    if torch.is_autocast_enabled(device) and hidden_TH.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return hidden_TH.dtype
+
+
+def _recomputing() -> bool:
+    """True when this forward runs inside a backward: a gradient-checkpointing recompute (reentrant or not)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _count(rt: Runtime, dest_rank_TK: torch.Tensor, x_TH: torch.Tensor) -> LayerCounts:
     """Split sizes of every stage (and, for ``auto``, the choice) from one collective and one host read."""
     fixed = rt.config.dispatch != "auto"
     candidates = (rt.config.dispatch,) if fixed else tuple(rt.topology.strategies())
-    row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
+    row_bytes = x_TH.shape[1] * x_TH.element_size()
     return exchange_counts(
         rt.topology, whole_group(rt.topology, rt.groups), rt.rank, candidates, dest_rank_TK, row_bytes, rt.cost_model
     )

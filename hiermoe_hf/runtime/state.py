@@ -65,6 +65,7 @@ class ForwardRecord:
     max_peer_rows}`` (rows to/from other ranks); load_per_rank: int64 [W] this rank's selections per
     destination rank; expert_rows: int64 [] rows through the local experts. The exchange fields are
     None at world size 1 (Transformers' own forward ran), where ``stats`` leaves them out.
+    recompute: this forward was a gradient-checkpointing recompute (run inside a backward).
     """
 
     strategy: str
@@ -78,6 +79,7 @@ class ForwardRecord:
     cost_model: str | None = None
     cost_model_defaults: bool | None = None
     expert_rows: torch.Tensor | None = None
+    recompute: bool = False
 
     @property
     def exchanged(self) -> bool:

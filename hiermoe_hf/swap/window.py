@@ -29,8 +29,10 @@ class RoutingStats:
     """One MoE layer's recent routing on this rank.
 
     ids_NK: int32 [capacity, K] ring buffer of logical ids (None until the first record);
-    tokens / forwards / passes: since the last planning round (a forward under autograd counts two
-    passes: its backward repeats the exchange).
+    tokens / forwards / passes: since the last planning round. ``record`` adds a forward's routing
+    (one pass, two with ``training=True``: its backward repeats the exchange); ``count_pass`` adds an
+    exchange over routing already recorded (the patched forward counts each backward when it runs
+    and each gradient-checkpointing recompute, so a checkpointed step is one forward, three passes).
     """
 
     capacity: int = DEFAULT_CAPACITY
@@ -59,6 +61,10 @@ class RoutingStats:
         self.tokens += T
         self.forwards += 1
         self.passes += 2 if training else 1
+
+    def count_pass(self, _grad=None) -> None:
+        """One more exchange of recorded routing (also usable as a tensor gradient hook: returns None)."""
+        self.passes += 1
 
     def window(self) -> torch.Tensor:
         """int32 [filled, K]: the tokens held now (oldest first is not guaranteed)."""

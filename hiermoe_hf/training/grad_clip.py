@@ -4,7 +4,9 @@ After DDP (or ``all_reduce_gradients``) every rank holds the same dense gradient
 expert slices. ``torch.nn.utils.clip_grad_norm_`` would then see a different norm on each rank, so
 ranks would scale their grads differently and drift apart. Here the dense part of the norm is
 computed locally (it is identical everywhere) and the expert part is summed over the ranks, which
-gives exactly the norm that a single process holding the whole model would compute.
+gives exactly the norm that a single process holding the whole model would compute. Dense grads
+sharded by FSDP2 (``hiermoe_hf.shard_dense``) are partitioned over the ranks like the experts: their
+local shards join the summed part.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_hf.runtime.registry import runtime_of
+from hiermoe_hf.training.fsdp import is_sharded, local_view
 from hiermoe_hf.training.gradients import expert_parameters
 
 
@@ -38,8 +41,9 @@ def clip_grad_norm_(
     norm_type = float(norm_type)
     world = runtime_of(model).world_size
     expert_ids = {id(p) for p in expert_parameters(model)}
-    dense = [p.grad for p in params if id(p) not in expert_ids]
-    experts = [p.grad for p in params if id(p) in expert_ids]
+    # Replicated dense grads count once; expert slices and FSDP2 shards are summed over the ranks.
+    dense = [p.grad for p in params if id(p) not in expert_ids and not is_sharded(p.grad)]
+    experts = [local_view(p.grad) for p in params if id(p) in expert_ids or is_sharded(p.grad)]
     # Every rank must join the reduction, also one without grads; NCCL needs the tensor on the GPU.
     device = params[0].grad.device if params else next(model.parameters()).device
     dense_norm = _norm(dense, norm_type, device)
@@ -59,8 +63,15 @@ def clip_grad_norm_(
             f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()}); "
             "pass error_if_nonfinite=False to clip anyway"
         )
-    if params:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    plain = [p for p in params if not is_sharded(p.grad)]
+    if plain:
+        torch.nn.utils.clip_grads_with_norm_(plain, max_norm, total)
+    sharded = [local_view(p.grad) for p in params if is_sharded(p.grad)]
+    if sharded:  # the same coefficient as clip_grads_with_norm_, applied to the local shards
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        with torch.no_grad():
+            for g in sharded:
+                g.mul_(coef.to(g.device))
     return total
 
 

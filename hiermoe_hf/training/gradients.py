@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
@@ -22,19 +23,21 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
 
     Expert grads (which already sum every rank's tokens) were divided by W as they were produced
     (``patch`` hooks them), so the result equals single-process training on the global batch with the
-    loss averaged over ranks. A non-finite expert grad on any rank makes every rank's grads non-finite
-    (one extra element in the same all-reduce), so a ``torch.amp.GradScaler`` skips the step on all
-    ranks alike.
+    loss averaged over ranks. Dense grads sharded by FSDP2 (``hiermoe_hf.shard_dense``: DTensors) were
+    already reduce-scattered and averaged by its backward: they are left alone. A non-finite expert
+    grad or dense shard on any rank makes every rank's grads non-finite (one extra element in the same
+    all-reduce), so a ``torch.amp.GradScaler`` skips the step on all ranks alike.
     """
-    from hiermoe_hf.training.loss_scaling import nonfinite_flag, spread_flag
+    from hiermoe_hf.training.loss_scaling import local_grad, nonfinite_flag, spread_flag
 
     world = runtime_of(model).world_size
     if world == 1:
         return
-    expert_ids = {id(p) for p in expert_parameters(model)}
-    dense = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in expert_ids]
-    experts = [p.grad for p in model.parameters() if p.grad is not None and id(p) in expert_ids]
-    flag = nonfinite_flag(experts, next(model.parameters()))
+    expert_grads = {id(p.grad) for p in expert_parameters(model) if p.grad is not None}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    dense = [g for g in grads if not isinstance(g, DTensor) and id(g) not in expert_grads]
+    rank_local = [local_grad(g) for g in grads if isinstance(g, DTensor) or id(g) in expert_grads]
+    flag = nonfinite_flag(rank_local, next(model.parameters()))
     dtypes = sorted({g.dtype for g in dense}, key=str)
     if not dtypes:
         dist.all_reduce(flag)

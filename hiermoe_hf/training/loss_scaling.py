@@ -4,9 +4,9 @@
 averaged over the ranks first (DDP or ``all_reduce_gradients``), so a non-finite dense value reaches
 every rank; expert slices are rank-local, so a non-finite expert gradient would make only its own
 rank skip the step and halve its scale: the ranks' weights and scales would drift apart. Here each
-rank turns "my expert grads are all finite" into a flag that is 0.0 or NaN, the flags are summed
-over the ranks, and the sum is added to one element of every gradient: 0.0 changes nothing, NaN
-makes every rank's scaler see a non-finite gradient. No host read is needed.
+rank turns "my expert grads (and FSDP2 dense shards) are all finite" into a flag that is 0.0 or
+NaN, the flags are summed over the ranks, and the sum is added to one element of every gradient:
+0.0 changes nothing, NaN makes every rank's scaler see a non-finite gradient. No host read.
 """
 
 from __future__ import annotations
@@ -15,11 +15,17 @@ import types
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from hiermoe_hf.runtime.registry import runtime_of
 from hiermoe_hf.training.gradients import expert_parameters
 
 _WRAPPED = "_hiermoe_agrees_on_nonfinite"
+
+
+def local_grad(g: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient: the local shard of an FSDP2 DTensor, else the tensor itself."""
+    return g.to_local() if isinstance(g, DTensor) else g
 
 
 def nonfinite_flag(grads: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -35,9 +41,10 @@ def nonfinite_flag(grads: list[torch.Tensor], like: torch.Tensor) -> torch.Tenso
 def spread_flag(model: torch.nn.Module, flag: torch.Tensor) -> None:
     """Add the all-reduced ``flag`` to one element of every gradient of ``model`` (no-op when 0.0)."""
     for p in model.parameters():
-        if p.grad is not None and p.grad.numel():
-            first = p.grad.view(-1)[:1] if p.grad.is_contiguous() else p.grad
-            first.add_(flag.to(p.grad.dtype))
+        g = local_grad(p.grad) if p.grad is not None else None
+        if g is not None and g.numel():
+            first = g.view(-1)[:1] if g.is_contiguous() else g
+            first.add_(flag.to(g.dtype))
 
 
 def agree_on_nonfinite_grads(model: torch.nn.Module) -> None:
@@ -45,9 +52,11 @@ def agree_on_nonfinite_grads(model: torch.nn.Module) -> None:
     non-finite expert gradient, make every rank's gradients non-finite, so all ranks skip together."""
     if runtime_of(model).world_size == 1:
         return
-    experts = [p.grad for p in expert_parameters(model) if p.grad is not None]
-    like = next(model.parameters())
-    flag = nonfinite_flag(experts, like)
+    # rank-local gradients: expert slices, and FSDP2's dense shards (reduce-scattered: one owner each)
+    experts = {id(p) for p in expert_parameters(model)}
+    local = [local_grad(p.grad) for p in model.parameters()
+             if p.grad is not None and (id(p) in experts or isinstance(p.grad, DTensor))]
+    flag = nonfinite_flag(local, next(model.parameters()))
     dist.all_reduce(flag)
     spread_flag(model, flag)
 

@@ -4,8 +4,10 @@
 (``a2a``, ``hd1``) do not separate the rows that crossed nodes, and nothing reports what ``a2a``
 *would* have sent. Both follow exactly from the routing (DESIGN.md section 5), counted by
 ``exchange.stage_rows``: a2a sends one row per (token, expert) on another node, hd1 one per (token,
-remote rank), hdD (D >= 2) one per (token, remote node). ``TrafficMeter`` counts them for every
-MoE forward from the experts module's inputs, so gradient accumulation and any number of forwards per step are covered.
+remote rank), hdD (D >= 2) one per (token, remote node). ``TrafficMeter`` counts them for every MoE
+forward from the experts module's inputs, so gradient accumulation and any number of forwards per
+step are covered. A gradient-checkpointing recompute exchanges again: real traffic, counted under
+the same names prefixed ``recompute_`` (its tokens are not new tokens).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from hiermoe_hf.exchange.stage_rows import crossing_rows, sent_rows, stage_rows
 from hiermoe_hf.runtime.registry import LAYER_ATTR, moe_layers, runtime_of, world
 from hiermoe_hf.topology import Topology
 
-# Numeric counters, in the order they travel in the cross-rank sum.
-FIELDS = (
+# Numeric counters of forwards, in the order they travel in the cross-rank sum (recompute ones follow).
+FORWARD_FIELDS = (
     "tokens",            # tokens routed (summed over MoE layers)
     "inter_node_rows",   # dispatch rows that crossed nodes with the strategy in use
     "a2a_inter_node_rows",
@@ -29,6 +31,7 @@ FIELDS = (
     "rows_sent",         # dispatch rows sent to other ranks over all stages
     "a2a_rows_sent",
 )
+FIELDS = FORWARD_FIELDS + tuple(f"recompute_{f}" for f in FORWARD_FIELDS)
 
 
 def inter_node_rows(dest_rank_TK: torch.Tensor, topology: Topology, rank: int, strategy: str) -> int:
@@ -51,7 +54,9 @@ class TrafficMeter:
     def __init__(self, model: torch.nn.Module):
         self.runtime = runtime_of(model)
         layers = list(moe_layers(model).values())
-        self._handles = [e.register_forward_hook(self._after_forward) for e, _ in layers]
+        # always_call: a recompute that torch stops early (non-reentrant checkpointing) has still dispatched.
+        self._handles = [e.register_forward_hook(self._after_forward, always_call=True) for e, _ in layers]
+        self._counted: dict[int, object] = {}  # experts module -> the last ForwardRecord counted
         # The cross-rank sum must live where the backend can reduce it (CUDA for NCCL): next to the experts.
         self._probe = getattr(layers[0][0], layers[0][1].param_names[0]) if layers else None
         self._reset()
@@ -63,13 +68,24 @@ class TrafficMeter:
     def _after_forward(self, module, args, output) -> None:
         layer = getattr(module, LAYER_ATTR)
         last = layer.last
+        if last is None or self._counted.get(id(module)) is last:  # a forward that failed before dispatching
+            return
+        self._counted[id(module)] = last
         strategy = last.strategy
         hidden_TH, topk_ids_TK = args[0], args[1]
         rt = self.runtime
-        self.strategies[strategy] += 1
-        self.counts["tokens"] += int(topk_ids_TK.shape[0])
-        if rt.world_size == 1:
-            return
+        counts = {}
+        if not last.recompute:
+            self.strategies[strategy] += 1
+        counts["tokens"] = int(topk_ids_TK.shape[0])
+        if rt.world_size > 1:
+            self._count_exchange(counts, layer, last, hidden_TH, topk_ids_TK)
+        prefix = "recompute_" if last.recompute else ""
+        for name, value in counts.items():
+            self.counts[prefix + name] += value
+
+    def _count_exchange(self, counts: dict, layer, last, hidden_TH, topk_ids_TK) -> None:
+        rt, strategy = self.runtime, last.strategy
         placement = layer.placement
         ids_TK = topk_ids_TK.to(placement.phys_of_E.device)
         valid = (ids_TK >= 0) & (ids_TK < placement.num_experts)  # Transformers may pad with a sentinel id
@@ -80,12 +96,12 @@ class TrafficMeter:
         a2a = inter_node_rows(dest_TK, rt.topology, rt.rank, "a2a")
         (flat,) = rt.topology.stages("a2a")
         (a2a_counts,) = stage_rows(dest_TK, rt.topology, "a2a", origins=[rt.rank])
-        self.counts["inter_node_rows"] += actual
-        self.counts["a2a_inter_node_rows"] += a2a
-        self.counts["inter_node_bytes"] += actual * row_bytes
-        self.counts["a2a_inter_node_bytes"] += a2a * row_bytes
-        self.counts["rows_sent"] += sum(s["rows_sent"] for s in last.stages)
-        self.counts["a2a_rows_sent"] += int(sent_rows(a2a_counts, rt.topology, flat).sum())
+        counts["inter_node_rows"] = actual
+        counts["a2a_inter_node_rows"] = a2a
+        counts["inter_node_bytes"] = actual * row_bytes
+        counts["a2a_inter_node_bytes"] = a2a * row_bytes
+        counts["rows_sent"] = sum(s["rows_sent"] for s in last.stages)
+        counts["a2a_rows_sent"] = int(sent_rows(a2a_counts, rt.topology, flat).sum())
 
     def pop(self, reduce: bool = False) -> dict:
         counts = dict(self.counts)

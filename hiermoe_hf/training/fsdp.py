@@ -1,0 +1,87 @@
+"""``hiermoe_hf.shard_dense``: FSDP2 on the dense part; the routed experts stay expert-parallel.
+
+Every rank otherwise holds the whole dense part (attention, embeddings, shared experts, dense MLPs,
+routers) with its optimizer state: about 17 B parameters for DeepSeek-V3. ``shard_dense`` applies
+``torch.distributed.fsdp.fully_shard`` to each decoder layer and then to the root over all ranks (a
+1-D mesh), with the expert slices in ``ignored_params``: they stay plain rank-local Parameters,
+exchanged by the patched forward as before. Dense parameters become DTensors sharded on dim 0;
+FSDP2 all-gathers a layer's dense weights for its forward and backward and reduce-scatters their
+gradients (averaged over ranks), which is DDP's semantics (DESIGN.md section 6). Expert gradients
+already sum every rank's tokens and are divided by W by ``all_reduce_gradients`` (hand-written
+loops) or the plugin's gradient hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from hiermoe_hf.runtime.registry import runtime_of, unwrap
+from hiermoe_hf.training.gradients import expert_parameters
+
+DENSE_SHARDINGS = ("ddp", "fsdp2")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A dense parameter (or its gradient) sharded by FSDP2: each rank holds one part of it."""
+    return isinstance(tensor, DTensor)
+
+
+def dense_is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(unwrap(model), FSDPModule)
+
+
+def shard_dense(model: torch.nn.Module, mixed_precision: MixedPrecisionPolicy | None = None) -> torch.nn.Module:
+    """Shard the dense part of a patched model with FSDP2 over all ranks; returns ``model``.
+
+    Collective. Call after ``hiermoe_hf.patch`` (or ``hiermoe_hf.from_pretrained``) and before
+    creating the optimizer (dense parameters are replaced by sharded ones). ``mixed_precision``: an
+    FSDP2 ``MixedPrecisionPolicy`` (e.g. ``param_dtype=torch.bfloat16, reduce_dtype=torch.float32``)
+    for the dense part; the expert slices keep their dtype and the rows reaching them are cast to it.
+    Not with DDP: use one or the other for the dense part.
+    """
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError("shard_dense got a DDP-wrapped model; pass the patched model itself (FSDP2 replaces DDP)")
+    if mixed_precision is not None and not isinstance(mixed_precision, MixedPrecisionPolicy):
+        raise TypeError(
+            f"mixed_precision must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, "
+            f"got {type(mixed_precision).__name__}"
+        )
+    runtime = runtime_of(model)  # ValueError on an unpatched model
+    base = unwrap(model)
+    if isinstance(base, FSDPModule):
+        return model  # already sharded: a second call is a no-op
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("shard_dense needs an initialised default process group (FSDP2 shards over its ranks)")
+    if dist.get_world_size() != runtime.world_size:
+        raise ValueError(
+            f"shard_dense shards over the default group ({dist.get_world_size()} ranks), but the model is "
+            f"patched for {runtime.world_size}; use the same ranks for both"
+        )
+    device = next(base.parameters()).device
+    mesh = init_device_mesh(device.type, (runtime.world_size,))
+    kwargs = {"mesh": mesh, "ignored_params": set(expert_parameters(model))}
+    if mixed_precision is not None:
+        kwargs["mp_policy"] = mixed_precision
+    for layer in decoder_layers(base):
+        fully_shard(layer, **kwargs)
+    fully_shard(base, **kwargs)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers (``model.model.layers`` in Qwen3-MoE and DeepSeek-V3)."""
+    inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no decoder layer list at .{model.base_model_prefix}.layers")
+    return layers
+
+
+def local_view(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
