@@ -68,8 +68,10 @@ def pick_strategy(
     dest_rank_TK: torch.Tensor,
     row_bytes: int,
     cost_model,
+    group=None,
 ) -> tuple[str, dict[str, float]]:
-    """Pick the strategy every rank will use for this layer's exchange. Collective over the world.
+    """Pick the strategy every rank will use for this layer's exchange. Collective over ``group``
+    (the expert-parallel group, whose ranks the topology describes; None = the default group).
 
     Args:
         topology: the expert-parallel topology.
@@ -89,11 +91,11 @@ def pick_strategy(
         topology.stages(name)  # raises ValueError naming the valid strategies
     model = _as_cost_model(cost_model, topology)
     distributed = dist.is_available() and dist.is_initialized() and topology.world_size > 1
-    rank = dist.get_rank() if distributed else 0
+    rank = dist.get_rank(group) if distributed else 0
     flat = local_counts(topology, candidates, dest_rank_TK, rank)
     if distributed:
         # the counts live on the routing's device: NCCL reduces device tensors, gloo host ones
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat = flat.cpu()
     predicted = predicted_ms(topology, split_counts(topology, candidates, flat), row_bytes, model)
     best = min(range(len(candidates)), key=lambda i: (predicted[candidates[i]], i))

@@ -59,4 +59,4 @@ def _choose(rt: Runtime, dest_rank_TK: torch.Tensor, hidden_TH: torch.Tensor) ->
     if rt.config.dispatch != "auto":
         return rt.config.dispatch, {}
     row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
-    return pick_strategy(rt.topology, rt.topology.strategies(), dest_rank_TK, row_bytes, rt.cost_model)
+    return pick_strategy(rt.topology, rt.topology.strategies(), dest_rank_TK, row_bytes, rt.cost_model, rt.ep_group)

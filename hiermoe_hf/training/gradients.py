@@ -6,23 +6,19 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from hiermoe_hf.runtime.registry import moe_layers, runtime_of
+from hiermoe_hf.runtime.registry import runtime_of
+from hiermoe_hf.training.expert_dp import expert_parameters, sync_expert_grads
 
-
-def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The rank-local expert parameters of a patched model."""
-    params = []
-    for experts, layer in moe_layers(model).values():
-        params += [getattr(experts, n) for n in layer.param_names]
-    return params
+__all__ = ["all_reduce_gradients", "expert_parameters"]
 
 
 def all_reduce_gradients(model: torch.nn.Module) -> None:
-    """Average dense grads over ranks; divide expert grads (already summed over all ranks' tokens) by W.
+    """Average dense grads over ranks; divide expert grads (already summed over their group's tokens)
+    by W and sum them over the replicas of the expert-parallel group (``expert_dp``).
 
     The result equals single-process training on the global batch with the loss averaged over ranks.
     """
-    world = runtime_of(model).world_size
+    world = runtime_of(model).global_world_size
     if world == 1:
         return
     expert_ids = {id(p) for p in expert_parameters(model)}
@@ -41,3 +37,4 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
         flat.div_(world)
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
+    sync_expert_grads(model)
