@@ -25,6 +25,9 @@ class HierMoEConfig:
         swap_policy: "hierd" (dedup-aware) or "load" (balance raw token counts).
         cost_model: path of a calibration JSON, or None for the defaults.
         swap_pairs: expert pairs exchanged per planning round.
+        ep_size: ranks per expert-parallel group; None = the world. The world splits into
+            W / ep_size replicas of the group (expert data parallelism); the topology then describes
+            one group, and groups are blocks of consecutive ranks (inside a node when they fit).
     """
 
     topology: str | Sequence[int] | None = None
@@ -34,6 +37,7 @@ class HierMoEConfig:
     swap_policy: str = "hierd"
     cost_model: str | None = None
     swap_pairs: int = 1
+    ep_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dispatch, str) or not _DISPATCH_RE.match(self.dispatch):
@@ -49,6 +53,10 @@ class HierMoEConfig:
             raise ValueError(f"swap_interval must be an integer >= 0 (0 = never), got {self.swap_interval!r}")
         if isinstance(self.swap_pairs, bool) or not isinstance(self.swap_pairs, int) or self.swap_pairs < 1:
             raise ValueError(f"swap_pairs must be an integer >= 1, got {self.swap_pairs!r}")
+        if self.ep_size is not None and (
+            isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1
+        ):
+            raise ValueError(f"ep_size must be an integer >= 1 or None (= the world size), got {self.ep_size!r}")
         if self.cost_model is not None and not isinstance(self.cost_model, (str, os.PathLike)):
             raise ValueError(f"cost_model must be a path to a calibration JSON or None, got {self.cost_model!r}")
         if self.topology is not None:

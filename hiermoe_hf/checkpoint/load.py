@@ -9,8 +9,10 @@ model's init, generation config, ``eval()``), except one step: its weight-loadin
 swapped, on a throw-away subclass of the model class, for one that first shrinks each experts
 module's fused parameters (still on meta) to this rank's slots [E/W, ...], then hands Transformers
 the dense tensors as lazy safetensors slices and, for the experts, stand-ins that read only experts
-[rank*E/W, (rank+1)*E/W) when Transformers materialises them. The model gets its own class back
-before ``patch`` shards nothing more (the slots already hold the contiguous placement's experts).
+[rank*E/W, (rank+1)*E/W) when Transformers materialises them (rank and W of the rank's
+expert-parallel group: with ``ep_size`` < W every replica of the group reads the same experts).
+The model gets its own class back before ``patch`` shards nothing more (the slots already hold
+the contiguous placement's experts).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from hiermoe_hf.checkpoint.fp8 import Fp8Format, Fp8Reader
 from hiermoe_hf.checkpoint.hub import resolve_on_all_ranks
 from hiermoe_hf.checkpoint.keys import EXPERT_PROJECTIONS, expert_key, fused_key, per_expert_key_pattern, row_parts
 from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.patch import patch_experts
 from hiermoe_hf.runtime.registry import world as _world
-from hiermoe_hf.topology import Topology
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 _UNSUPPORTED_KWARGS = (
@@ -61,7 +63,8 @@ def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None =
         )
     _check_device_map(hf_kwargs.get("device_map"))
     world, rank = _world()
-    topology = Topology.resolve(cfg.topology, world)  # bad settings fail before any weight is read
+    # bad settings fail before any weight is read; experts are held per expert-parallel group (ep_size)
+    topology = group_topology(cfg.topology, EPLayout.resolve(cfg.ep_size, world, rank))
     if cfg.dispatch != "auto":
         topology.stages(cfg.dispatch)
     hub = {k: hf_kwargs.pop(k) for k in _HUB_KWARGS if k in hf_kwargs}
@@ -81,14 +84,10 @@ def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None =
         config, model_kwargs = copy.deepcopy(config), hf_kwargs
     fp8 = Fp8Format.take_from(config)  # FP8 weights are dequantized while read; the model is plain
     adapter = patches.adapter_for(config)
-    num_experts = adapter.num_experts(config)
-    if num_experts % world:
-        raise ValueError(
-            f"{num_experts} experts per layer cannot be split over {world} ranks; "
-            f"use a world size that divides {num_experts}"
-        )
+    layout = EPLayout.resolve(cfg.ep_size, world, rank, adapter.num_experts(config))
     base = _get_model_class(config, AutoModelForCausalLM._model_mapping)
-    model = _local_experts_class(base, fp8).from_pretrained(folder, config=config, **model_kwargs)
+    loader = _local_experts_class(base, layout.rank, layout.ep_size, fp8)
+    model = loader.from_pretrained(folder, config=config, **model_kwargs)
     model.__class__ = base  # the subclass only existed to swap the loading step
     model.config.name_or_path = os.fspath(name_or_path)  # as given (a repo id, not its cache folder)
     return patch_experts(model, cfg, experts_are_local=True)  # the loader read only this rank's experts
@@ -110,22 +109,26 @@ def _check_device_map(device_map) -> None:
 
 
 @functools.cache
-def _local_experts_class(base: type, fp8: Fp8Format | None = None) -> type:
+def _local_experts_class(base: type, ep_rank: int, ep_size: int, fp8: Fp8Format | None = None) -> type:
     """``base`` with only its weight-loading step replaced (same name and module, so Transformers'
-    source-inspecting checks behave as for ``base``); ``fp8``: the checkpoint's FP8 block format."""
+    source-inspecting checks behave as for ``base``); it reads the experts of group rank ``ep_rank``
+    of an expert-parallel group of ``ep_size`` ranks; ``fp8``: the checkpoint's FP8 block format."""
 
     def load(model, state_dict, checkpoint_files, load_config, expected_keys=None):
-        return _load_with_local_experts(base, model, state_dict, checkpoint_files, load_config, expected_keys, fp8)
+        return _load_with_local_experts(
+            base, model, state_dict, checkpoint_files, load_config, expected_keys, ep_rank, ep_size, fp8
+        )
 
     attrs = {"__module__": base.__module__, "__qualname__": base.__qualname__}
     return type(base.__name__, (base,), {**attrs, "_load_pretrained_model": staticmethod(load)})
 
 
-def _load_with_local_experts(base, model, state_dict, checkpoint_files, load_config, expected_keys, fp8=None):
+def _load_with_local_experts(
+    base, model, state_dict, checkpoint_files, load_config, expected_keys, rank, world, fp8=None
+):
     files = [os.fspath(f) for f in checkpoint_files or []]
     if state_dict is not None or not files or not all(f.endswith(".safetensors") for f in files):
         raise ValueError(f"hiermoe_hf.from_pretrained reads safetensors checkpoints only; found {files or 'none'}")
-    world, rank = _world()
     adapter = patches.adapter_for(model.config)
     num_experts = adapter.num_experts(model.config)
     local = num_experts // world

@@ -80,15 +80,16 @@ class RankStateStore:
                     optimizer_state.setdefault(lname, {})[pname] = _to_cpu(state[i])
         payload = {
             "format": FORMAT,
-            "rank": rt.rank,
-            "world_size": rt.world_size,
+            "rank": rt.global_rank,  # files are per global rank: replicas hold their own routing windows
+            "world_size": rt.global_world_size,
+            "ep_size": rt.world_size,
             "topology": list(rt.topology.levels),
             "layers": layers,
             "optimizer": optimizer_state,
             "extra": dict(extra or {}),
         }
         os.makedirs(directory, exist_ok=True)
-        path = rank_file(directory, rt.rank, rt.world_size)
+        path = rank_file(directory, rt.global_rank, rt.global_world_size)
         tmp = f"{path}.tmp"
         torch.save(payload, tmp)
         os.replace(tmp, path)  # a crash mid-write leaves no half file under the real name
@@ -101,17 +102,23 @@ class RankStateStore:
         tensors and optimizer entries for the model/optimizer ``load_state_dict`` calls that follow.
         Returns the ``extra`` dict given to ``save``."""
         rt = self.runtime
-        path = rank_file(directory, rt.rank, rt.world_size)
+        path = rank_file(directory, rt.global_rank, rt.global_world_size)
         if not os.path.exists(path):
             found = sorted(f for f in os.listdir(directory) if f.startswith("hiermoe_rank")) if os.path.isdir(
                 directory
             ) else []
             raise ValueError(
-                f"{path} is missing: this checkpoint was not saved by {rt.world_size} expert-parallel ranks "
+                f"{path} is missing: this checkpoint was not saved by {rt.global_world_size} expert-parallel ranks "
                 f"with HierMoEPlugin (found: {', '.join(found) or 'no hiermoe_rank* files'}); resume with the "
                 "world size it was saved with"
             )
         payload = read_rank_file(path)
+        saved_ep = payload.get("ep_size", payload["world_size"])  # files before ep_size: one group = the world
+        if saved_ep != rt.world_size:
+            raise ValueError(
+                f"{path} was saved with ep_size={saved_ep} (expert-parallel groups of {saved_ep} ranks) but this run "
+                f"uses ep_size={rt.world_size}: expert slices and placements differ; resume with ep_size={saved_ep}"
+            )
         if payload["topology"] != list(rt.topology.levels):
             raise ValueError(
                 f"{path} was saved with topology {'x'.join(map(str, payload['topology']))}; this run uses "

@@ -44,7 +44,8 @@ class Piece:
     """Contiguous bytes of one checkpoint tensor, held by rank ``owner``.
 
     A replicated tensor is one piece named by its state-dict key (read on rank 0). An expert piece is
-    rows [lo, hi) of logical expert ``expert``'s matrix in fused parameter ``param`` of ``block``.
+    rows [lo, hi) of logical expert ``expert``'s matrix in fused parameter ``param`` of ``block``,
+    owned by its holder in the first replica of the expert-parallel group (group rank = global rank).
     """
 
     owner: int
@@ -100,7 +101,9 @@ def save_pretrained(
     if distributed_checkpoint:
         raise ValueError("distributed_checkpoint=True is not supported: hiermoe_hf writes one Hub-layout checkpoint")
     runtime = runtime_of(model)
-    world, rank = runtime.world_size, runtime.rank
+    # Global ranks: piece owners are group ranks of replica 0 (global ranks 0 .. ep_size-1), so with
+    # replicas of the expert-parallel group each expert is sent once, by replica 0's holder.
+    world, rank = runtime.global_world_size, runtime.global_rank
     target = os.path.realpath(os.fspath(save_directory))  # a symlinked folder is written where it points
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")

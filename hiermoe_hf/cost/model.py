@@ -15,13 +15,14 @@ Shapes: W ranks, S group members, T tokens, K selections per token, E experts, R
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from hiermoe_hf.topology import Stage, Topology
+from hiermoe_hf.topology import Stage, Topology, parse_levels
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -77,6 +78,29 @@ def stage_costs_from_links(topology: Topology, links: Sequence[Link]) -> dict[st
             alpha = max(alpha, links[lvl].latency_s)
         out[stage.name] = StageCost(alpha, beta)
     return out
+
+
+def home_stage(topology: Topology, stage: Stage) -> Stage:
+    """The stage whose group is ``stage``'s group with the levels of size 1 left out.
+
+    Levels of size 1 add no member and no link, so ``stage`` runs over exactly the links of the
+    trimmed digit range: on ``1x8`` the "flat" stage [0, 2) is the "intra-node" stage [1, 2) and
+    costs in-node constants. Returns ``stage`` itself when nothing trims (or the group is one rank).
+    """
+    lo, hi = stage.lo, stage.hi
+    while lo < hi and topology.levels[lo] == 1:
+        lo += 1
+    while hi > lo and topology.levels[hi - 1] == 1:
+        hi -= 1
+    if (lo, hi) == (stage.lo, stage.hi) or lo == hi:
+        return stage
+    same = [st for st in topology.distinct_stages() if (st.lo, st.hi) == (lo, hi)]
+    return same[0] if same else Stage(topology.stage_name(lo, hi), lo, hi, stage.dedup)
+
+
+@functools.lru_cache(maxsize=64)
+def _topology(spec: str) -> Topology:
+    return Topology(parse_levels(spec))
 
 
 # Generic defaults when no calibration is given: a GPU cluster with a 200 Gb/s uplink per node
@@ -149,9 +173,14 @@ class CostModel:
     local: StageCost | None = None
 
     def stage_cost(self, stage: Stage) -> StageCost:
-        for key in (stage.name, f"{stage.lo}:{stage.hi}"):
-            if key in self.stages:
-                return self.stages[key]
+        """The constants of ``stage``, priced by where its group lives (``home_stage``): a stage whose
+        group is the group of another stage (levels of size 1 add no link) takes that stage's
+        constants, so a2a's "flat" stage on a 1xG topology costs the in-node constants."""
+        home = home_stage(_topology(self.topology), stage)
+        for st in (home, stage) if home != stage else (stage,):
+            for key in (st.name, f"{st.lo}:{st.hi}"):
+                if key in self.stages:
+                    return self.stages[key]
         raise ValueError(
             f"cost model ({self.source}) has no constants for stage {stage.name!r} (digits {stage.lo}:{stage.hi}); "
             f"it has: {', '.join(sorted(self.stages)) or 'none'}"
@@ -246,10 +275,17 @@ def load_cost_model(path_or_none: str | os.PathLike | None, topology: Topology) 
             f"cost model {spec!r} was calibrated on topology {model.topology} but this run's topology is {topology}; "
             "run `python -m hiermoe_hf.calibrate` on this topology or use cost_model=None"
         )
-    needed = [s for s in topology.distinct_stages() if topology.group_size(s) > 1]
-    missing = sorted({s.name for s in needed if s.name not in model.stages and f"{s.lo}:{s.hi}" not in model.stages})
+    missing = sorted({s.name for s in topology.distinct_stages() if topology.group_size(s) > 1 and not _has(model, s)})
     if missing:
         raise ValueError(
             f"cost model {spec!r} lacks constants for stage(s) {', '.join(missing)} of topology {topology}"
         )
     return model
+
+
+def _has(model: CostModel, stage: Stage) -> bool:
+    try:
+        model.stage_cost(stage)
+    except ValueError:
+        return False
+    return True

@@ -91,3 +91,10 @@ def forward_exchange_times(
     return predict_stage_times(
         counts, topology, strategy, row_bytes, cost_model, FORWARD_LATENCIES, FORWARD_EXCHANGES, FORWARD_LOCAL_UNITS
     )
+
+
+def ring_allreduce_bytes(nbytes: float, ranks: int) -> float:
+    """Bytes one rank sends in a ring all-reduce of ``nbytes`` over ``ranks`` ranks: 2 (n-1)/n x nbytes
+    (reduce-scatter, then all-gather, of n chunks). The price of expert data parallelism: the expert
+    gradients of W / ep_size replicas are summed this way once per optimizer step (issue 11)."""
+    return 2.0 * (ranks - 1) / ranks * nbytes if ranks > 1 else 0.0

@@ -12,12 +12,19 @@ class StageGroups:
     """One process group per (stage digit range) this rank belongs to, built once and reused.
 
     Every rank creates every group in the same order (``dist.new_group`` is collective). A group of
-    one rank is None: its stage needs no communication. The full world uses the default group.
+    one rank is None: its stage needs no communication. A stage spanning the whole world uses the
+    default group.
+
+    ``rank`` is the rank inside the expert-parallel group (the topology's digits). With ``replicas``
+    > 1 (``HierMoEConfig.ep_size``) the world holds that many copies of the topology, copy ``j``
+    being global ranks ``j * topology.world_size ...``; this rank is in copy ``replica`` and every
+    group it gets lies inside its copy.
     """
 
-    def __init__(self, topology: Topology, rank: int):
+    def __init__(self, topology: Topology, rank: int, replica: int = 0, replicas: int = 1):
         self.topology = topology
         self.rank = rank
+        self.replica, self.replicas = replica, replicas
         self._groups: dict[tuple[int, int], object] = {}
         for stage in topology.distinct_stages():
             self._build(stage)
@@ -27,14 +34,15 @@ class StageGroups:
         size = self.topology.group_size(stage)
         if size == 1:
             self._groups[key] = None
-        elif size == self.topology.world_size:
+        elif size == self.topology.world_size and self.replicas == 1:
             self._groups[key] = dist.group.WORLD
         else:
-            mine = None
-            for ranks in self.topology.all_groups(stage):
-                g = dist.new_group(ranks)
-                if self.rank in ranks:
-                    mine = g
+            mine, n = None, self.topology.world_size
+            for j in range(self.replicas):
+                for ranks in self.topology.all_groups(stage):
+                    g = dist.new_group([j * n + r for r in ranks])
+                    if j == self.replica and self.rank in ranks:
+                        mine = g
             self._groups[key] = mine
 
     def get(self, stage: Stage):

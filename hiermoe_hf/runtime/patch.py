@@ -14,6 +14,7 @@ from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
 from hiermoe_hf.runtime import guards, registry
+from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.forward import experts_forward
 from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, world
 from hiermoe_hf.runtime.state import LayerState, Runtime
@@ -58,21 +59,17 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
     guards.refuse_wrappers(model)
     outer, model = model, guards.patch_target(model)
     adapter = patches.adapter_for(getattr(model, "config", None))
-    world_size, rank = world()
-    topology = Topology.resolve(config.topology, world_size)
-    if config.dispatch != "auto":
-        topology.stages(config.dispatch)  # raises for a strategy this topology lacks
     blocks = patches.find_moe_blocks(model, adapter)
     if not blocks:
         raise ValueError(f"no {adapter.BLOCK_CLASS} block found in this {adapter.MODEL_TYPE} model")
     num_experts = adapter.num_experts(model.config)
-    if num_experts % world_size:
-        raise ValueError(
-            f"{num_experts} experts per layer cannot be split over {world_size} ranks; "
-            f"use a world size that divides {num_experts}"
-        )
-    groups = StageGroups(topology, rank) if world_size > 1 else None
-    runtime = Runtime(config, topology, rank, groups, adapter.MODEL_TYPE, load_cost_model(config.cost_model, topology))
+    layout, topology = resolve_layout(config, num_experts)
+    world_size, rank = layout.ep_size, layout.rank  # the expert-parallel group's from here on
+    runtime = Runtime(
+        config, topology, rank, None, adapter.MODEL_TYPE, load_cost_model(config.cost_model, topology), layout,
+        *process_groups(layout),
+    )
+    runtime.groups = StageGroups(topology, rank, layout.replica, layout.replicas) if world_size > 1 else None
     for name, block in blocks:
         experts = block.experts
         guards.refuse_adapted_experts(experts, name)
@@ -83,18 +80,50 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
         experts.forward = types.MethodType(experts_forward, experts)
     setattr(model, STATE_ATTR, runtime)
     model.save_pretrained = types.MethodType(save_pretrained, model)  # collective, logical expert order
-    if world_size > 1:
-        # Section 6 under any wrapper built later: DDP leaves the slices alone, their grads get 1/W.
+    if layout.world_size > 1:
+        # Section 6 under any wrapper built later: DDP leaves the slices alone, their grads get 1/W
+        # (W: the whole world; replicas of a smaller expert-parallel group are summed by expert_dp).
         ddp.keep_experts_out_of_ddp(model)
         ddp.divide_expert_grads_by_world(model)
+    if world_size > 1:  # the forward has collectives: every rank must keep calling it in generate
         guards.install_synced_generate(model)
     return outer
 
 
-def _gather_full(local: torch.Tensor, placement: Placement) -> torch.Tensor:
-    """All ranks' slot tensors [e, ...] -> the full tensor [E, ...] in logical expert order."""
+def resolve_layout(config: HierMoEConfig, num_experts: int) -> tuple[EPLayout, Topology]:
+    """This rank's expert-parallel layout and its group's topology; ValueError for a bad ep_size,
+    topology or strategy (before any collective, so every rank fails alike)."""
+    world_size, global_rank = world()
+    layout = EPLayout.resolve(config.ep_size, world_size, global_rank, num_experts)
+    topology = group_topology(config.topology, layout)
+    if config.dispatch != "auto":
+        topology.stages(config.dispatch)  # raises for a strategy this topology lacks
+    return layout, topology
+
+
+def process_groups(layout: EPLayout) -> tuple[object, object]:
+    """(this rank's expert-parallel group, its replica group); None for a group of one rank, the
+    default group for one spanning the world. Collective: every rank creates every group in order."""
+    def build(all_ranks: list[list[int]], mine: list[int]):
+        if len(mine) == 1:
+            return None
+        if len(mine) == layout.world_size:
+            return dist.group.WORLD
+        out = None
+        for ranks in all_ranks:
+            g = dist.new_group(ranks)
+            out = g if ranks == mine else out
+        return out
+
+    ep = build([layout.group_ranks(j) for j in range(layout.replicas)], layout.group_ranks(layout.replica))
+    rep = build([layout.replica_ranks(g) for g in range(layout.ep_size)], layout.replica_ranks(layout.rank))
+    return ep, rep
+
+
+def _gather_full(local: torch.Tensor, placement: Placement, group) -> torch.Tensor:
+    """All group ranks' slot tensors [e, ...] -> the full tensor [E, ...] in logical expert order."""
     parts = [torch.empty_like(local) for _ in range(placement.world_size)]
-    dist.all_gather(parts, local.contiguous())
+    dist.all_gather(parts, local.contiguous(), group=group)
     phys = torch.cat(parts)
     return phys[placement.phys_of_E.to(phys.device)]
 
@@ -113,7 +142,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         if rt.world_size > 1:
             for name in layer.param_names:
                 local = getattr(experts, name)
-                full = _gather_full(local.detach(), layer.placement)
+                full = _gather_full(local.detach(), layer.placement, rt.ep_group)
                 setattr(experts, name, torch.nn.Parameter(full, requires_grad=local.requires_grad))
         del experts.forward
         delattr(experts, LAYER_ATTR)

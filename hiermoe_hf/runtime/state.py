@@ -11,24 +11,52 @@ import torch
 from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
+from hiermoe_hf.runtime.ep_layout import EPLayout
 from hiermoe_hf.swap.window import RoutingStats
 from hiermoe_hf.topology import Topology
 
 
 @dataclass
 class Runtime:
-    """Shared by all layers of one patched model."""
+    """Shared by all layers of one patched model.
+
+    Ranks are of two kinds (``runtime/ep_layout.py``): ``rank`` and ``world_size`` are the
+    expert-parallel group's (group rank, ep_size: placements and the topology use them);
+    ``global_rank`` and ``global_world_size`` are the default process group's. They coincide unless
+    ``config.ep_size`` is smaller than the world.
+    """
 
     config: HierMoEConfig
-    topology: Topology
-    rank: int
-    groups: StageGroups | None  # None at world size 1
+    topology: Topology  # one expert-parallel group's levels
+    rank: int  # rank inside the expert-parallel group
+    groups: StageGroups | None  # None when the group is one rank
     model_type: str
     cost_model: object = None  # cost.model.CostModel, loaded once at patch time
+    layout: EPLayout | None = None  # None: one group spanning the world of topology.world_size ranks
+    ep_group: object = None  # process group of this rank's expert-parallel group (None: one rank)
+    replica_group: object = None  # process group of the ranks holding the same experts (None: no replicas)
 
     @property
     def world_size(self) -> int:
+        """Ranks in the expert-parallel group (ep_size)."""
         return self.topology.world_size
+
+    @property
+    def global_rank(self) -> int:
+        return self.rank if self.layout is None else self.layout.global_rank
+
+    @property
+    def global_world_size(self) -> int:
+        return self.world_size if self.layout is None else self.layout.world_size
+
+    def global_of(self, group_rank: int) -> int:
+        """Global rank of ``group_rank`` in this rank's expert-parallel group."""
+        return group_rank if self.layout is None else self.layout.to_global(group_rank)
+
+    @property
+    def replicas(self) -> int:
+        """Copies of the expert-parallel group in the world (W / ep_size)."""
+        return 1 if self.layout is None else self.layout.replicas
 
 
 class Elapsed:

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from hiermoe_hf.cost.pricing import ring_allreduce_bytes
 from hiermoe_hf.runtime.registry import moe_layers
 from hiermoe_hf.runtime.state import Elapsed, ForwardRecord
 
@@ -44,11 +45,17 @@ def stats(model: torch.nn.Module) -> dict[str, dict]:
     destination rank), ``swaps``, and with an exchange the cost model's view: ``predicted_ms``
     (chosen strategy; ``dispatch="auto"`` only, else None), ``predicted_ms_by_strategy``,
     ``measured_ms`` (forward dispatch + combine wall time), ``cost_model`` (where its constants came
-    from), ``cost_model_defaults`` and ``expert_rows``.
+    from), ``cost_model_defaults`` and ``expert_rows``; always ``replicas`` (copies of the
+    expert-parallel group, W / ep_size) and ``expert_grad_allreduce_bytes`` (bytes this rank sends per
+    optimizer step summing this layer's expert grads over the replicas: a ring all-reduce, 0 without).
     """
     out = {}
-    for name, (_, layer) in moe_layers(model).items():
+    for name, (experts, layer) in moe_layers(model).items():
         entry = record_dict(layer.last)
         entry["swaps"] = list(layer.swaps)
+        # expert data parallelism's price: this layer's expert grads summed over the replicas, per step
+        nbytes = sum(getattr(experts, p).numel() * getattr(experts, p).element_size() for p in layer.param_names)
+        entry["replicas"] = layer.runtime.replicas
+        entry["expert_grad_allreduce_bytes"] = ring_allreduce_bytes(nbytes, layer.runtime.replicas)
         out[name] = entry
     return out

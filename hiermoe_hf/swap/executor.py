@@ -98,12 +98,13 @@ def expert_bytes(experts, layer, optimizer=None) -> int:
     return total
 
 
-def _exchange(send: dict[int, torch.Tensor], recv: dict[int, torch.Tensor]) -> None:
-    """One batched round of point-to-point messages: send[peer] -> peer, recv[peer] <- peer."""
+def _exchange(send: dict[int, torch.Tensor], recv: dict[int, torch.Tensor], to_global=lambda r: r) -> None:
+    """One batched round of point-to-point messages: send[peer] -> peer, recv[peer] <- peer (peers are
+    group ranks; ``to_global`` names them in the default group)."""
     ops = []
     for peer in sorted(set(send) | set(recv)):
-        ops.append(dist.P2POp(dist.isend, send[peer], peer))
-        ops.append(dist.P2POp(dist.irecv, recv[peer], peer))
+        ops.append(dist.P2POp(dist.isend, send[peer], to_global(peer)))
+        ops.append(dist.P2POp(dist.irecv, recv[peer], to_global(peer)))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
@@ -116,9 +117,10 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 def execute_swaps(model: torch.nn.Module, swaps: Sequence[tuple[str, int, int]], optimizer=None) -> None:
     """Exchange logical experts ``a`` and ``b`` of layer ``name`` for each ``(name, a, b)``.
 
-    Collective: every rank calls it with the same list. Within one call a layer may move each expert
-    at most once (call again for chained exchanges). The two experts may sit on the same rank (a
-    local exchange of slots), on one node or on different nodes.
+    Collective: every rank calls it with the same list (ranks are group ranks: with replicas of the
+    expert-parallel group, each replica makes the same exchanges inside itself). Within one call a
+    layer may move each expert at most once (call again for chained exchanges). The two experts may
+    sit on the same rank (a local exchange of slots), on one node or on different nodes.
     """
     rt = runtime_of(model)
     optimizer = unwrap_optimizer(optimizer)
@@ -147,7 +149,7 @@ def execute_swaps(model: torch.nn.Module, swaps: Sequence[tuple[str, int, int]],
             device=getattr(layers[involved[0]][0], layers[involved[0]][1].param_names[0]).device,
         )
         parts = [torch.empty_like(desc) for _ in range(W)]
-        dist.all_gather(parts, desc)
+        dist.all_gather(parts, desc, group=rt.ep_group)
         all_RD = torch.stack(parts).cpu()
         pos = 0
         for n in involved:
@@ -184,7 +186,7 @@ def execute_swaps(model: torch.nn.Module, swaps: Sequence[tuple[str, int, int]],
                 targets.setdefault(peer, []).append((t, slot))
         send_buf = {peer: torch.cat(parts) for peer, parts in send.items()}
         recv_buf = {peer: torch.empty_like(buf) for peer, buf in send_buf.items()}
-        _exchange(send_buf, recv_buf)
+        _exchange(send_buf, recv_buf, rt.global_of)
         for peer, fills in targets.items():
             offset = 0
             for t, slot in fills:

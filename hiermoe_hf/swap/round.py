@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of, unwrap
 from hiermoe_hf.swap.executor import execute_swaps, expert_bytes, unwrap_optimizer
-from hiermoe_hf.swap.objective import DEFAULT_FLOPS, PlannerCosts, move_cost_s, strategy_for
+from hiermoe_hf.swap.objective import DEFAULT_FLOPS, PlannerCosts, RoutingWindow, move_cost_s, strategy_for
 from hiermoe_hf.swap.policies import plan
 from hiermoe_hf.swap.window import gather_windows
 
@@ -28,8 +28,19 @@ def _broadcast_plan(rows: list[list[float]], capacity: int, device: torch.device
     return [r for r in buf.cpu().tolist() if r[0] == r[0]]  # NaN rows are padding
 
 
+def _fold_replicas(window: RoutingWindow, ep_size: int, replicas: int) -> RoutingWindow:
+    """All W ranks' windows as one group's routing: replica j's rank j*ep_size + g is group rank g, and
+    one forward of one group carries 1/replicas of the world's tokens (``ep_layout``). One decision
+    from every replica's routing, executed alike in every replica, keeps the replicas identical."""
+    if replicas == 1:
+        return window
+    return RoutingWindow(window.ids_NK, window.origin_N % ep_size, window.rows_scale / replicas, window.passes)
+
+
 def swap_experts(model: torch.nn.Module, optimizer=None) -> list[dict]:
-    """Run one swap planning round now and carry it out. Collective over the default process group.
+    """Run one swap planning round now and carry it out. Collective over the default process group
+    (with ``ep_size`` < W: every replica of the expert-parallel group makes the same swaps; ``ranks``
+    below are group ranks).
 
     Args:
         model: a model patched by ``hiermoe_hf.patch`` (or a DDP/Accelerate wrapper of one).
@@ -62,6 +73,7 @@ def swap_experts(model: torch.nn.Module, optimizer=None) -> list[dict]:
             layer.routing.end_interval()
         return records
     windows = gather_windows([layer for _, layer in layers.values()], device, dst=0)  # None off rank 0
+    windows = [None if w is None else _fold_replicas(w, rt.world_size, rt.replicas) for w in windows]
     cost_model = rt.cost_model
     policy, topo = rt.config.swap_policy, rt.topology
     rows, strategies = [], {}

@@ -33,17 +33,19 @@ from accelerate.utils import DistributedType
 
 from hiermoe_hf.checkpoint.rank_state import RankStateStore
 from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.patch import patch
 from hiermoe_hf.runtime.registry import is_patched, runtime_of
 from hiermoe_hf.topology import Topology, levels_from_launcher, parse_levels
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, expert_parameter_names, keep_experts_out_of_ddp
+from hiermoe_hf.training.expert_dp import ExpertGradSync
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
 
 ENV_PREFIX = "HIERMOE_"
-_INT_FIELDS = ("swap_interval", "swap_pairs")
+_INT_FIELDS = ("swap_interval", "swap_pairs", "ep_size")
 # DDP-style launches: one full replica of the dense model per process, gradients averaged by DDP.
 _SUPPORTED = tuple(
     getattr(DistributedType, n)
@@ -74,6 +76,9 @@ class HierMoEPlugin:
     swap_policy: str | None = field(default=None, metadata=_help("'hierd' (dedup-aware) or 'load'"))
     cost_model: str | None = field(default=None, metadata=_help("path of a calibration JSON; unset = defaults"))
     swap_pairs: int | None = field(default=None, metadata=_help("expert pairs exchanged per swap round"))
+    ep_size: int | None = field(
+        default=None, metadata=_help("ranks per expert-parallel group; unset = the world (HIERMOE_EP_SIZE)")
+    )
 
     def __post_init__(self) -> None:
         defaults = HierMoEConfig()
@@ -100,6 +105,7 @@ class HierMoEPlugin:
         self.optimizer: torch.optim.Optimizer | None = None
         self._store: RankStateStore | None = None
         self._meter: TrafficMeter | None = None
+        self._expert_sync: ExpertGradSync | None = None
 
     # ---- configuration ---------------------------------------------------------------------------------------
 
@@ -113,6 +119,7 @@ class HierMoEPlugin:
             swap_policy=self.swap_policy,
             cost_model=self.cost_model,
             swap_pairs=self.swap_pairs,
+            ep_size=self.ep_size,
         )
 
     def resolve_topology(self, world_size: int) -> Topology:
@@ -124,6 +131,8 @@ class HierMoEPlugin:
         """
         nodes, per_node = levels_from_launcher(world_size)
         launch = f"{nodes} node(s) x {per_node} process(es) per node"
+        if self.ep_size is not None and self.ep_size != world_size:
+            return self._group_topology(world_size, per_node, launch)
         if self.topology is None:
             return Topology((nodes, per_node))
         levels = parse_levels(self.topology)
@@ -143,6 +152,19 @@ class HierMoEPlugin:
                     f"is a multiple of {per_node}, e.g. '{nodes}x{per_node}'"
                 )
         return Topology(levels)
+
+    def _group_topology(self, world_size: int, per_node: int, launch: str) -> Topology:
+        """With ``ep_size`` < the launch: one expert-parallel group's topology (``runtime/ep_layout.py``);
+        a group is a block of consecutive ranks, so it must fit in a node or cover whole nodes."""
+        layout = EPLayout.resolve(self.ep_size, world_size, 0)
+        ep = layout.ep_size
+        if not (per_node % ep == 0 or ep % per_node == 0):
+            raise ValueError(
+                f"HierMoEPlugin ep_size={ep} neither divides nor is a multiple of this launch's {per_node} processes "
+                f"per node ({launch}): a group would straddle a node; use an ep_size that divides {per_node} or is a "
+                "multiple of it"
+            )
+        return group_topology(self.topology, layout)
 
     # ---- prepare -----------------------------------------------------------------------------------------------
 
@@ -182,6 +204,7 @@ class HierMoEPlugin:
         if world > 1:
             keep_experts_out_of_ddp(model)
             divide_expert_grads_by_world(model)
+        self._expert_sync = ExpertGradSync(model)  # replicas of the expert-parallel group (ep_size < W)
         prepared = accelerator.prepare(*objects, **prepare_kwargs)
         as_tuple = prepared if isinstance(prepared, tuple) else (prepared,)
         accelerated = [o for o in as_tuple if isinstance(o, AcceleratedOptimizer)]
@@ -216,6 +239,8 @@ class HierMoEPlugin:
         self._meter = TrafficMeter(model)
         self._store = RankStateStore(model, self.optimizer)
         if self.optimizer is not None:
+            # Expert grads summed over the replicas before the step (if the clip has not done it).
+            self.optimizer.register_step_pre_hook(lambda *_: self._expert_sync())
             # Fires only when the wrapped optimizer really steps: not on accumulation micro-steps, not when
             # a GradScaler skips a step with inf/nan grads, which agree_before_unscale makes the same on all ranks.
             agree_before_unscale(optimizer.scaler, model)
@@ -229,6 +254,7 @@ class HierMoEPlugin:
     def clip_grad_norm_(self, parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """``accelerator.clip_grad_norm_`` with the global norm (expert part summed over ranks). Collective."""
         self.accelerator.unscale_gradients()
+        self._expert_sync()  # the norm of the replica-summed expert grads, as the step will see them
         return grad_clip.clip_grad_norm_(parameters, max_norm, norm_type, model=self.model)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
@@ -255,12 +281,14 @@ class HierMoEPlugin:
 
 
 def _parse_env(env: str, name: str, raw: str) -> Any:
+    if name == "ep_size" and raw.lower() == "none":
+        return None
     if name in _INT_FIELDS:
         try:
             return int(raw)
         except ValueError:
             raise ValueError(f"{env}={raw!r} is not an integer; {name} takes a whole number >= 0") from None
-    if name == "cost_model" and raw.lower() == "none":
+    if name in ("cost_model", "ep_size") and raw.lower() == "none":
         return None
     return raw
 

@@ -58,7 +58,7 @@ def divide_expert_grads_by_world(model: torch.nn.Module) -> int:
     gradient accumulation, clipping and logging all see the section 6 value. (A post-accumulate hook
     would rescale the already-accumulated sum on every micro-batch.) Returns the number of new hooks.
     """
-    world = runtime_of(model).world_size
+    world = runtime_of(model).global_world_size  # all W ranks' tokens, whatever ep_size (training/expert_dp.py)
     if world == 1:
         return 0
     hooked: dict[int, object] = unwrap(model).__dict__.setdefault(_HOOKS_ATTR, {})

@@ -31,7 +31,8 @@ def clip_grad_norm_(
 ) -> torch.Tensor:
     """Like ``torch.nn.utils.clip_grad_norm_``, with the norm taken over the whole (sharded) model.
 
-    Collective over the default process group: call it on every rank. ``model`` is the patched model
+    Collective over the expert-parallel group: call it on every rank, after the expert grads were
+    averaged over replicas (``all_reduce_gradients``; the plugin and callback do it). ``model`` is the patched model
     (wrapped or not); it says which of ``parameters`` are rank-local expert slices. Returns the total
     norm, the same on every rank.
     """
@@ -39,7 +40,10 @@ def clip_grad_norm_(
         parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
-    world = runtime_of(model).world_size
+    rt = runtime_of(model)
+    # Expert slices are summed over the expert-parallel group; replicas of it hold the same (synced)
+    # expert grads and must not be counted twice.
+    world, group = rt.world_size, rt.ep_group
     expert_ids = {id(p) for p in expert_parameters(model)}
     # Replicated dense grads count once; expert slices and FSDP2 shards are summed over the ranks.
     dense = [p.grad for p in params if id(p) not in expert_ids and not is_sharded(p.grad)]
@@ -50,13 +54,13 @@ def clip_grad_norm_(
     expert_norm = _norm(experts, norm_type, device)
     if norm_type == float("inf"):
         if world > 1:
-            dist.all_reduce(expert_norm, op=dist.ReduceOp.MAX)
+            dist.all_reduce(expert_norm, op=dist.ReduceOp.MAX, group=group)
         total = torch.maximum(dense_norm, expert_norm)
     else:
         # Sum the p-th powers: dense counted once, expert slices added up over ranks (fp32 or wider).
         expert_pow = expert_norm.pow(norm_type)
         if world > 1:
-            dist.all_reduce(expert_pow)
+            dist.all_reduce(expert_pow, group=group)
         total = (dense_norm.pow(norm_type) + expert_pow).pow(1.0 / norm_type)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(

@@ -7,21 +7,18 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
-from hiermoe_hf.runtime.registry import moe_layers, runtime_of
+from hiermoe_hf.runtime.registry import runtime_of
+from hiermoe_hf.training.expert_dp import expert_parameters, sync_expert_grads
 
-
-def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The rank-local expert parameters of a patched model."""
-    params = []
-    for experts, layer in moe_layers(model).values():
-        params += [getattr(experts, n) for n in layer.param_names]
-    return params
+__all__ = ["all_reduce_gradients", "expert_parameters"]
 
 
 def all_reduce_gradients(model: torch.nn.Module) -> None:
-    """Average dense grads over ranks. Collective: every rank, once per optimizer step, after backward.
+    """Average dense grads over ranks; sum expert grads over the replicas of the expert-parallel group
+    (``expert_dp``; none when ``ep_size`` is the world). Collective: every rank, once per optimizer
+    step, after backward.
 
-    Expert grads (which already sum every rank's tokens) were divided by W as they were produced
+    Expert grads (which already sum their group's tokens) were divided by W as they were produced
     (``patch`` hooks them), so the result equals single-process training on the global batch with the
     loss averaged over ranks. Dense grads sharded by FSDP2 (``hiermoe_hf.shard_dense``: DTensors) were
     already reduce-scattered and averaged by its backward: they are left alone. A non-finite expert
@@ -30,7 +27,7 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
     """
     from hiermoe_hf.training.loss_scaling import local_grad, nonfinite_flag, spread_flag
 
-    world = runtime_of(model).world_size
+    world = runtime_of(model).global_world_size
     if world == 1:
         return
     expert_grads = {id(p.grad) for p in expert_parameters(model) if p.grad is not None}
@@ -53,3 +50,4 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
         for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
     spread_flag(model, flag)
+    sync_expert_grads(model)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from hiermoe_hf.exchange.stage_rows import crossing_rows, sent_rows, stage_rows
 from hiermoe_hf.runtime.registry import LAYER_ATTR, moe_layers, runtime_of, world
 from hiermoe_hf.topology import Topology
+from hiermoe_hf.training.expert_dp import allreduce_bytes_per_rank
 
 # Numeric counters of forwards, in the order they travel in the cross-rank sum (recompute ones follow).
 FORWARD_FIELDS = (
@@ -31,7 +32,11 @@ FORWARD_FIELDS = (
     "rows_sent",         # dispatch rows sent to other ranks over all stages
     "a2a_rows_sent",
 )
-FIELDS = FORWARD_FIELDS + tuple(f"recompute_{f}" for f in FORWARD_FIELDS)
+FIELDS = (
+    *FORWARD_FIELDS,
+    *(f"recompute_{f}" for f in FORWARD_FIELDS),
+    "expert_grad_allreduce_bytes",  # per optimizer step (one pop): expert grads summed over replicas (ep_size < W)
+)
 
 
 def inter_node_rows(dest_rank_TK: torch.Tensor, topology: Topology, rank: int, strategy: str) -> int:
@@ -59,6 +64,7 @@ class TrafficMeter:
         self._counted: dict[int, object] = {}  # experts module -> the last ForwardRecord counted
         # The cross-rank sum must live where the backend can reduce it (CUDA for NCCL): next to the experts.
         self._probe = getattr(layers[0][0], layers[0][1].param_names[0]) if layers else None
+        self._grad_allreduce_bytes = allreduce_bytes_per_rank(model)  # fixed by the layout, paid once per step
         self._reset()
 
     def _reset(self) -> None:
@@ -104,7 +110,10 @@ class TrafficMeter:
         counts["a2a_rows_sent"] = int(sent_rows(a2a_counts, rt.topology, flat).sum())
 
     def pop(self, reduce: bool = False) -> dict:
+        """Counters since the last pop; call once per optimizer step (the expert-gradient all-reduce
+        traffic is counted once per pop)."""
         counts = dict(self.counts)
+        counts["expert_grad_allreduce_bytes"] = int(self._grad_allreduce_bytes)
         if reduce and world()[0] > 1:
             device = self._probe.device if self._probe is not None else torch.device("cpu")
             t = torch.tensor([counts[f] for f in FIELDS], dtype=torch.float64, device=device)

@@ -38,6 +38,7 @@ from hiermoe_hf.runtime.registry import world as world_and_rank
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, keep_experts_out_of_ddp
+from hiermoe_hf.training.expert_dp import ExpertGradSync
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
@@ -68,6 +69,7 @@ class HierMoECallback(TrainerCallback):
         self.metrics: dict[str, float] = {}
         self.model: torch.nn.Module | None = None
         self._meter: TrafficMeter | None = None
+        self._expert_sync: ExpertGradSync | None = None
         self._in_train = False
         self._deferred_dir: str | None = None
         self._store: RankStateStore | None = None
@@ -98,6 +100,7 @@ class HierMoECallback(TrainerCallback):
         if world > 1:
             keep_experts_out_of_ddp(model)
             divide_expert_grads_by_world(model)
+        self._expert_sync = ExpertGradSync(model)  # replicas of the expert-parallel group (ep_size < W)
         if self.settings.swap_interval:
             from hiermoe_hf.swap.round import swap_experts  # noqa: F401  (fail now, not at the first swap)
         self.model = model
@@ -135,6 +138,8 @@ class HierMoECallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         scaler = agree_before_unscale(getattr(optimizer, "scaler", None), self.model)  # fp16: skip on all ranks
+        if self._expert_sync is not None:
+            self._expert_sync()  # expert grads summed over the replicas, before the clip and the step
         if self.max_grad_norm > 0:
             if scaler is not None:  # fp16: clip the true gradients, as accelerator.clip_grad_norm_ would
                 scaler.unscale_(optimizer.optimizer)
@@ -178,7 +183,7 @@ class HierMoECallback(TrainerCallback):
         def save_pretrained(save_directory, *args, **kwargs):
             caller = sys._getframe(1)
             from_trainer = caller.f_code.co_name == "_save" and caller.f_globals.get("__name__") == _TRAINER_MODULE
-            if from_trainer and runtime_of(model).world_size > 1:
+            if from_trainer and runtime_of(model).global_world_size > 1:
                 # Trainer._save runs on rank 0 only; a collective save there would wait forever for the others.
                 if not callback._in_train:
                     raise RuntimeError(
