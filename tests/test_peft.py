@@ -1,7 +1,8 @@
 """Issue 12 items 2 and 6: PEFT LoRA on a patched model, in either order (``patch`` then
 ``get_peft_model``, or the reverse), under plain DDP: exact training against single-process PEFT on
 the global batch, PEFT's own ``save_pretrained`` writes the adapter, ``merge_and_unload`` then the
-collective save gives the full model; LoRA on the routed experts (``target_parameters``) is refused."""
+collective save gives the full model, an expert swap in between changes nothing; LoRA on the
+routed experts (``target_parameters``) is refused."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def peft_job(order, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from hiermoe_hf.runtime.registry import moe_layers
+    from hiermoe_hf.swap.executor import execute_swaps
+
     W, r = dist.get_world_size(), dist.get_rank()
     pm = _peft_model(order, W)
     ddp = DistributedDataParallel(pm)
@@ -50,6 +54,8 @@ def peft_job(order, out_dir):
         ddp(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
+        if step == 0:  # a swap moves expert slices across ranks and never changes the function
+            execute_swaps(pm, [(name, 0, 7) for name in moe_layers(pm)], opt)
     pm.eval()
     with torch.no_grad():
         logits = pm(probe()).logits
@@ -58,7 +64,7 @@ def peft_job(order, out_dir):
     dist.barrier()
     merged = pm.merge_and_unload()
     merged.save_pretrained(os.path.join(out_dir, "merged"))  # the patched model's collective full save
-    return logits
+    return logits, [layer.placement.phys_of_E.tolist() for _, layer in moe_layers(merged).values()]
 
 
 def _reference():
@@ -81,8 +87,9 @@ def test_lora_under_ddp_trains_saves_and_merges_like_one_process(ranks, order):
         assert len(results) == 2  # a pool closed by an earlier timeout answers []
         adapter = load_file(os.path.join(tmp, "adapter", "adapter_model.safetensors"))
         merged = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "merged")).eval()
-    for logits in results:
+    for logits, placements in results:
         assert rel(logits, want) < 1e-5
+        assert all(p[0] == 7 and p[7] == 0 for p in placements)  # the swap happened
     want_adapter = peft.get_peft_model_state_dict(ref)
     assert set(adapter) == set(want_adapter) and adapter
     for key, value in want_adapter.items():

@@ -114,6 +114,26 @@ def test_wrong_wrapper_and_bad_expert_ids_raise(ranks):
             assert "expert id outside [0, 8)" in out.get(f"id{bad}", ""), out
 
 
+def fsdp1_after_patch_job(use_orig_params):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = build_model(tiny_qwen3_moe_config())
+    hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=[1, dist.get_world_size()], dispatch="a2a"))
+    wrapped = FullyShardedDataParallel(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    try:
+        wrapped(torch.randint(0, 256, (1, 4)))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_wrapped_after_patch_is_refused_at_the_first_forward(ranks, use_orig_params):
+    msgs = ranks(2).run(fsdp1_after_patch_job, use_orig_params)
+    assert len(msgs) == 2 and all(m and "FullyShardedDataParallel (FSDP1)" in m for m in msgs), msgs
+
+
 def test_patch_again_with_another_config_raises_same_config_is_a_noop():
     model = build_model(tiny_qwen3_moe_config())
     cfg = hiermoe_hf.HierMoEConfig(dispatch="a2a")

@@ -8,6 +8,7 @@ import types
 
 import torch
 from accelerate.utils import extract_model_from_parallel
+from torch.distributed.tensor import DTensor
 
 _GENERATE_ATTR = "_hiermoe_generate"
 
@@ -61,6 +62,35 @@ def refuse_adapted_experts(experts: torch.nn.Module, name: str) -> None:
             "would not follow the expert sharding and swaps, so hiermoe_hf refuses it: put LoRA on attention, "
             "shared experts or dense MLPs (target_modules), or unpatch the model first"
         )
+
+
+def check_forward(experts, layer_name: str, param_name: str, topk_ids_TK: torch.Tensor, num_experts: int) -> None:
+    """What the patched forward checks on every call (cheap: dict look-ups and one small reduction)."""
+    if "parametrizations" in experts._modules:  # PEFT's target_parameters adapts experts only during its forward
+        refuse_adapted_experts(experts, layer_name)
+    check_expert_storage(experts, layer_name, param_name)
+    check_expert_ids(topk_ids_TK, num_experts)
+
+
+def check_expert_storage(experts: torch.nn.Module, layer_name: str, param_name: str) -> None:
+    """ValueError when a wrapper built after ``patch`` has taken over the expert slices: torch FSDP1
+    (flattened: the parameter is gone, a plain view of the flat parameter, or marked
+    ``_fsdp_flattened``), FSDP2 without ignoring them (a DTensor) or DeepSpeed ZeRO-3 (``ds_id``).
+    A few dict look-ups per layer, no device work."""
+    p = experts._parameters.get(param_name)
+    if p is None or not isinstance(p, torch.nn.Parameter) or "_fsdp_flattened" in p.__dict__:
+        wrapper = "torch FullyShardedDataParallel (FSDP1)"
+    elif "ds_id" in p.__dict__:
+        wrapper = "DeepSpeed ZeRO-3"
+    elif isinstance(p, DTensor):
+        wrapper = "FSDP2 (fully_shard) over the expert slices"
+    else:
+        return
+    raise ValueError(
+        f"{layer_name}.experts.{param_name} is managed by {wrapper}, which shards or flattens the expert slices that "
+        "expert parallelism keeps rank-local, so ranks would mix different experts. Wrap the patched model in "
+        "DistributedDataParallel, or shard only the dense part with hiermoe_hf.shard_dense"
+    )
 
 
 def check_expert_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> None:
