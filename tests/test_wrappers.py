@@ -26,9 +26,15 @@ def wrapped_job(kind, wrapper, also_all_reduce):
 
     W, r = dist.get_world_size(), dist.get_rank()
     model = build_model(_config(kind)).train()
+    if wrapper == "none":  # experts frozen while patching, unfrozen afterwards: still scaled by 1/W
+        for n, p in model.named_parameters():
+            p.requires_grad_(".experts." not in n)
     hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=[1, W], dispatch="a2a"))
+    model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    if wrapper == "ddp":
+    if wrapper == "none":
+        wrapped = model
+    elif wrapper == "ddp":
         wrapped = DistributedDataParallel(model)
     else:
         from accelerate import Accelerator
@@ -59,8 +65,8 @@ def wrapped_job(kind, wrapper, also_all_reduce):
 
 @pytest.mark.parametrize(
     "kind,wrapper,also_all_reduce",
-    [("qwen", "ddp", False), ("deepseek", "ddp", True), ("qwen", "accelerate", False)],
-    ids=["qwen-ddp", "deepseek-ddp+all_reduce_gradients", "qwen-accelerate-prepare"],
+    [("qwen", "ddp", False), ("deepseek", "ddp", True), ("qwen", "accelerate", False), ("qwen", "none", True)],
+    ids=["qwen-ddp", "deepseek-ddp+all_reduce_gradients", "qwen-accelerate-prepare", "qwen-unfrozen-after-patch"],
 )
 def test_hand_wrapped_ddp_trains_like_one_process(ranks, kind, wrapper, also_all_reduce):
     results = ranks(2).run(wrapped_job, kind, wrapper, also_all_reduce)

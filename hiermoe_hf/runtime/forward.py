@@ -23,7 +23,7 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         return type(self).forward(self, hidden_TH, topk_ids_TK, topk_w_TK)
     e = layer.local_experts
     placement = layer.placement
-    guards.check_forward(self, layer.name, layer.param_names[0], topk_ids_TK, placement.num_experts)
+    guards.check_forward(self, layer, topk_ids_TK)
     if placement.phys_of_E.device != topk_ids_TK.device:
         layer.placement = placement = placement.to(topk_ids_TK.device)
     phys_TK = placement.phys_of_E[topk_ids_TK]

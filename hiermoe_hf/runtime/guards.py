@@ -64,12 +64,17 @@ def refuse_adapted_experts(experts: torch.nn.Module, name: str) -> None:
         )
 
 
-def check_forward(experts, layer_name: str, param_name: str, topk_ids_TK: torch.Tensor, num_experts: int) -> None:
-    """What the patched forward checks on every call (cheap: dict look-ups and one small reduction)."""
+def check_forward(experts, layer, topk_ids_TK: torch.Tensor) -> None:
+    """What the patched forward checks on every call (cheap: dict look-ups and one small reduction),
+    and the 1/W gradient hook for an expert slice unfrozen after ``patch``."""
+    from hiermoe_hf.training.ddp import scale_grad_by_world
+
     if "parametrizations" in experts._modules:  # PEFT's target_parameters adapts experts only during its forward
-        refuse_adapted_experts(experts, layer_name)
-    check_expert_storage(experts, layer_name, param_name)
-    check_expert_ids(topk_ids_TK, num_experts)
+        refuse_adapted_experts(experts, layer.name)
+    for name in layer.param_names:
+        check_expert_storage(experts, layer.name, name)
+        scale_grad_by_world(experts._parameters[name], layer.runtime.world_size)
+    check_expert_ids(topk_ids_TK, layer.placement.num_experts)
 
 
 def check_expert_storage(experts: torch.nn.Module, layer_name: str, param_name: str) -> None:
