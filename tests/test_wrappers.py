@@ -26,9 +26,15 @@ def wrapped_job(kind, wrapper, also_all_reduce):
 
     W, r = dist.get_world_size(), dist.get_rank()
     model = build_model(_config(kind)).train()
+    if wrapper == "none":  # experts frozen while patching, unfrozen afterwards: still scaled by 1/W
+        for n, p in model.named_parameters():
+            p.requires_grad_(".experts." not in n)
     hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=[1, W], dispatch="a2a"))
+    model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    if wrapper == "ddp":
+    if wrapper == "none":
+        wrapped = model
+    elif wrapper == "ddp":
         wrapped = DistributedDataParallel(model)
     else:
         from accelerate import Accelerator
@@ -59,8 +65,8 @@ def wrapped_job(kind, wrapper, also_all_reduce):
 
 @pytest.mark.parametrize(
     "kind,wrapper,also_all_reduce",
-    [("qwen", "ddp", False), ("deepseek", "ddp", True), ("qwen", "accelerate", False)],
-    ids=["qwen-ddp", "deepseek-ddp+all_reduce_gradients", "qwen-accelerate-prepare"],
+    [("qwen", "ddp", False), ("deepseek", "ddp", True), ("qwen", "accelerate", False), ("qwen", "none", True)],
+    ids=["qwen-ddp", "deepseek-ddp+all_reduce_gradients", "qwen-accelerate-prepare", "qwen-unfrozen-after-patch"],
 )
 def test_hand_wrapped_ddp_trains_like_one_process(ranks, kind, wrapper, also_all_reduce):
     results = ranks(2).run(wrapped_job, kind, wrapper, also_all_reduce)
@@ -114,6 +120,26 @@ def test_wrong_wrapper_and_bad_expert_ids_raise(ranks):
             assert "expert id outside [0, 8)" in out.get(f"id{bad}", ""), out
 
 
+def fsdp1_after_patch_job(use_orig_params):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = build_model(tiny_qwen3_moe_config())
+    hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=[1, dist.get_world_size()], dispatch="a2a"))
+    wrapped = FullyShardedDataParallel(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    try:
+        wrapped(torch.randint(0, 256, (1, 4)))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_wrapped_after_patch_is_refused_at_the_first_forward(ranks, use_orig_params):
+    msgs = ranks(2).run(fsdp1_after_patch_job, use_orig_params)
+    assert len(msgs) == 2 and all(m and "FullyShardedDataParallel (FSDP1)" in m for m in msgs), msgs
+
+
 def test_patch_again_with_another_config_raises_same_config_is_a_noop():
     model = build_model(tiny_qwen3_moe_config())
     cfg = hiermoe_hf.HierMoEConfig(dispatch="a2a")
@@ -123,3 +149,68 @@ def test_patch_again_with_another_config_raises_same_config_is_a_noop():
     with pytest.raises(ValueError, match="already patched with .*unpatch"):
         hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(dispatch="a2a", swap_interval=5))
     assert hiermoe_hf.patch(model, cfg) is model
+
+
+# ---- transformers.Trainer without HierMoECallback ------------------------------------------------------------
+
+TR_L, TR_B, TR_STEPS = 12, 2, 3
+
+
+def _row() -> torch.Tensor:
+    return torch.randint(0, 256, (TR_L,), generator=torch.Generator().manual_seed(3))
+
+
+class _SameRow(torch.utils.data.Dataset):  # every step sees the same global batch, whatever the sampler does
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return {"input_ids": _row(), "labels": _row()}
+
+
+def trainer_without_callback_job(output_dir, args_kw):
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import Trainer, TrainingArguments
+
+    W = dist.get_world_size()
+    os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE=str(W))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    args = TrainingArguments(
+        output_dir=output_dir, max_steps=TR_STEPS, per_device_train_batch_size=TR_B, learning_rate=LR,
+        optim="adamw_torch", lr_scheduler_type="constant", weight_decay=0.0, report_to="none", use_cpu=True,
+        disable_tqdm=True, dataloader_drop_last=True, seed=0, **args_kw,
+    )
+    model = build_model(tiny_qwen3_moe_config(output_router_logits=False)).train()
+    hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=[1, W], dispatch="a2a"))
+    trainer = Trainer(model=model, args=args, train_dataset=_SameRow())
+    try:
+        trainer.train()
+    except ValueError as err:
+        return str(err)
+    with torch.no_grad():
+        return model.eval()(probe()).logits
+
+
+def test_trainer_without_callback_is_exact_or_refused(ranks):
+    import tempfile
+
+    pool = ranks(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        exact = pool.run(trainer_without_callback_job, tmp, dict(max_grad_norm=0.0, save_strategy="no"))
+        refused = pool.run(trainer_without_callback_job, tmp, {})  # Trainer defaults: clip at 1.0, save
+    assert len(exact) == len(refused) == 2
+    ref = build_model(tiny_qwen3_moe_config(output_router_logits=False)).train()
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
+    batch = _row().expand(2 * TR_B, TR_L)
+    for _ in range(TR_STEPS):
+        ref(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        want = ref.eval()(probe()).logits
+    for logits in exact:
+        assert rel(logits, want) < 1e-5
+    for msg in refused:
+        assert "without HierMoECallback" in msg and "max_grad_norm=1.0" in msg and "save runs on rank 0" in msg, msg

@@ -29,9 +29,7 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         return type(self).forward(self, hidden_TH, topk_ids_TK, topk_w_TK)
     e = layer.local_experts
     placement = layer.placement
-    if "parametrizations" in self._modules:  # PEFT's target_parameters adapts experts only during its forward
-        guards.refuse_adapted_experts(self, layer.name)
-    guards.check_expert_ids(topk_ids_TK, placement.num_experts)
+    guards.check_forward(self, layer, topk_ids_TK)
     if placement.phys_of_E.device != topk_ids_TK.device:
         layer.placement = placement = placement.to(topk_ids_TK.device)
     phys_TK = placement.phys_of_E[topk_ids_TK]

@@ -4,12 +4,15 @@ step across ranks. Each check names the problem and the way out (DESIGN.md secti
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
 from accelerate.utils import extract_model_from_parallel
+from torch.distributed.tensor import DTensor
 
 _GENERATE_ATTR = "_hiermoe_generate"
+_TRAINER_CHECKED: set[int] = set()  # id(Runtime) of models already checked for a Trainer without the callback
 
 
 def _wrapper_name(module: torch.nn.Module) -> str | None:
@@ -61,6 +64,74 @@ def refuse_adapted_experts(experts: torch.nn.Module, name: str) -> None:
             "would not follow the expert sharding and swaps, so hiermoe_hf refuses it: put LoRA on attention, "
             "shared experts or dense MLPs (target_modules), or unpatch the model first"
         )
+
+
+def check_forward(experts, layer, topk_ids_TK: torch.Tensor) -> None:
+    """What the patched forward checks on every call (cheap: dict look-ups and one small reduction),
+    and the 1/W gradient hook for an expert slice unfrozen after ``patch``."""
+    from hiermoe_hf.training.ddp import scale_grad_by_world
+
+    if "parametrizations" in experts._modules:  # PEFT's target_parameters adapts experts only during its forward
+        refuse_adapted_experts(experts, layer.name)
+    for name in layer.param_names:
+        check_expert_storage(experts, layer.name, name)
+        scale_grad_by_world(experts._parameters[name], layer.runtime.global_world_size)
+    check_expert_ids(topk_ids_TK, layer.placement.num_experts)
+    if torch.is_grad_enabled() and id(layer.runtime) not in _TRAINER_CHECKED:
+        _TRAINER_CHECKED.add(id(layer.runtime))
+        refuse_trainer_without_callback()
+
+
+def refuse_trainer_without_callback() -> None:
+    """ValueError when the first training forward runs inside ``transformers.Trainer`` without
+    ``HierMoECallback`` and the Trainer would clip with a rank-local norm (``max_grad_norm > 0``: the
+    ranks' clip factors, hence their dense weights, would differ) or save checkpoints (its model save
+    runs on rank 0 only, and a patched model's save is collective: it would hang). Every rank runs
+    that forward, so every rank raises, before any exchange. One walk up the stack per model."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "training_step" and frame.f_globals.get("__name__") == "transformers.trainer":
+            trainer = frame.f_locals.get("self")
+            break
+        frame = frame.f_back
+    else:
+        return
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", [])
+    if any(type(cb).__name__ == "HierMoECallback" for cb in callbacks):
+        return
+    args = trainer.args
+    problems = []
+    if (args.max_grad_norm or 0) > 0:
+        problems.append(f"max_grad_norm={args.max_grad_norm} clips with a rank-local norm")
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
+        problems.append("its checkpoint save runs on rank 0 only but the patched model saves collectively (hang)")
+    if problems:
+        raise ValueError(
+            "a HierMoE-patched model is training under transformers.Trainer without HierMoECallback: "
+            + "; ".join(problems) + ". Pass callbacks=[hiermoe_hf.trainer.HierMoECallback()] to the Trainer "
+            "(or set max_grad_norm=0 and save_strategy='no')"
+        )
+
+
+def check_expert_storage(experts: torch.nn.Module, layer_name: str, param_name: str) -> None:
+    """ValueError when a wrapper built after ``patch`` has taken over the expert slices: torch FSDP1
+    (flattened: the parameter is gone, a plain view of the flat parameter, or marked
+    ``_fsdp_flattened``), FSDP2 without ignoring them (a DTensor) or DeepSpeed ZeRO-3 (``ds_id``).
+    A few dict look-ups per layer, no device work."""
+    p = experts._parameters.get(param_name)
+    if p is None or not isinstance(p, torch.nn.Parameter) or "_fsdp_flattened" in p.__dict__:
+        wrapper = "torch FullyShardedDataParallel (FSDP1)"
+    elif "ds_id" in p.__dict__:
+        wrapper = "DeepSpeed ZeRO-3"
+    elif isinstance(p, DTensor):
+        wrapper = "FSDP2 (fully_shard) over the expert slices"
+    else:
+        return
+    raise ValueError(
+        f"{layer_name}.experts.{param_name} is managed by {wrapper}, which shards or flattens the expert slices that "
+        "expert parallelism keeps rank-local, so ranks would mix different experts. Wrap the patched model in "
+        "DistributedDataParallel, or shard only the dense part with hiermoe_hf.shard_dense"
+    )
 
 
 def check_expert_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> None:

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hiermoe_hf.runtime.registry import runtime_of, unwrap
 from hiermoe_hf.training.gradients import expert_parameters
 
-_HOOKS_ATTR = "_hiermoe_grad_hooks"
+_HOOK_KEY = "_hiermoe_grad_hook"  # on each hooked expert Parameter: its hook handle
 _IGNORED_ATTR = "_hiermoe_ddp_ignored"  # the names this library put on DDP's ignore list
 # DDP names parameters relative to the module it wraps: the patched model itself, or a PeftModel
 # around it (PeftModel.base_model.model is the patched model), or torch.compile's wrapper.
@@ -51,31 +51,35 @@ def keep_experts_out_of_ddp(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def divide_expert_grads_by_world(model: torch.nn.Module) -> int:
-    """Scale each expert gradient contribution by 1/W as it is produced (idempotent per parameter).
+def scale_grad_by_world(p: torch.nn.Parameter, world: int) -> bool:
+    """Hook ``p`` so each gradient contribution is divided by ``world`` (once per parameter object).
 
     A tensor hook scales every backward's contribution before it is accumulated into ``.grad``, so
     gradient accumulation, clipping and logging all see the section 6 value. (A post-accumulate hook
-    would rescale the already-accumulated sum on every micro-batch.) Returns the number of new hooks.
+    would rescale the already-accumulated sum on every micro-batch.) A frozen parameter cannot be
+    hooked; the patched forward calls this again, so one unfrozen later is hooked before its backward.
     """
+    if not p.requires_grad or _HOOK_KEY in p.__dict__:
+        return False
+    p.__dict__[_HOOK_KEY] = p.register_hook(lambda g, w=world: g / w)
+    return True
+
+
+def divide_expert_grads_by_world(model: torch.nn.Module) -> int:
+    """``scale_grad_by_world`` on every expert slice (idempotent). Returns the number of new hooks."""
     world = runtime_of(model).global_world_size  # all W ranks' tokens, whatever ep_size (training/expert_dp.py)
     if world == 1:
         return 0
-    hooked: dict[int, object] = unwrap(model).__dict__.setdefault(_HOOKS_ATTR, {})
-    added = 0
-    for p in expert_parameters(model):
-        if id(p) in hooked or not p.requires_grad:
-            continue
-        hooked[id(p)] = p.register_hook(lambda g, w=world: g / w)
-        added += 1
-    return added
+    return sum(scale_grad_by_world(p, world) for p in expert_parameters(model))
 
 
 def release(model: torch.nn.Module) -> None:
     """Undo ``keep_experts_out_of_ddp`` and ``divide_expert_grads_by_world`` (for ``unpatch``)."""
     inner = unwrap(model)
-    for handle in inner.__dict__.pop(_HOOKS_ATTR, {}).values():
-        handle.remove()
+    for p in expert_parameters(inner):
+        handle = p.__dict__.pop(_HOOK_KEY, None)
+        if handle is not None:
+            handle.remove()
     ours = inner.__dict__.pop(_IGNORED_ATTR, set())
     if ours and hasattr(inner, "_ddp_params_and_buffers_to_ignore"):
         kept = [n for n in inner._ddp_params_and_buffers_to_ignore if n not in ours]

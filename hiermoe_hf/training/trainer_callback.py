@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from hiermoe_hf.checkpoint.rank_state import RankStateStore
 from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.runtime.patch import patch
-from hiermoe_hf.runtime.registry import is_patched, runtime_of
+from hiermoe_hf.runtime.registry import is_patched, patched_module, runtime_of
 from hiermoe_hf.runtime.registry import world as world_and_rank
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin
@@ -73,6 +73,7 @@ class HierMoECallback(TrainerCallback):
         self._in_train = False
         self._deferred_dir: str | None = None
         self._store: RankStateStore | None = None
+        self._collective_save = True
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -170,7 +171,8 @@ class HierMoECallback(TrainerCallback):
             dist.broadcast_object_list(target, src=0)
         self._deferred_dir = None
         if target[0] is not None:
-            self._original_save(target[0])
+            if self._collective_save:
+                self._original_save(target[0])
             if self._store is not None:  # what rank 0's model and optimizer files cannot hold
                 self._store.save(target[0], {"step": self.step, "swaps_done": self.swaps_done})
         return control
@@ -178,12 +180,18 @@ class HierMoECallback(TrainerCallback):
     def _wrap_save_pretrained(self, model: torch.nn.Module) -> None:
         original = model.save_pretrained
         self._original_save = original
+        # A PeftModel keeps PEFT's save (the adapter, fine from rank 0 alone); only the rank files wait for on_save.
+        self._collective_save = patched_module(model) is model
         callback = self
 
         def save_pretrained(save_directory, *args, **kwargs):
             caller = sys._getframe(1)
             from_trainer = caller.f_code.co_name == "_save" and caller.f_globals.get("__name__") == _TRAINER_MODULE
             if from_trainer and runtime_of(model).global_world_size > 1:
+                if not callback._collective_save:
+                    if callback._in_train:
+                        callback._deferred_dir = str(save_directory)
+                    return original(save_directory, *args, **kwargs)
                 # Trainer._save runs on rank 0 only; a collective save there would wait forever for the others.
                 if not callback._in_train:
                     raise RuntimeError(
