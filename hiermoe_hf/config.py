@@ -25,6 +25,9 @@ class HierMoEConfig:
         swap_policy: "hierd" (dedup-aware) or "load" (balance raw token counts).
         cost_model: path of a calibration JSON, or None for the defaults.
         swap_pairs: expert pairs exchanged per planning round.
+        overlap_chunks: split each MoE layer's tokens into this many chunks and pipeline them, so
+            one chunk's exchange is in flight while another's experts run (and DeepSeek-V3's shared
+            experts run while the routed tokens travel); 1 = no overlap.
     """
 
     topology: str | Sequence[int] | None = None
@@ -34,6 +37,7 @@ class HierMoEConfig:
     swap_policy: str = "hierd"
     cost_model: str | None = None
     swap_pairs: int = 1
+    overlap_chunks: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.dispatch, str) or not _DISPATCH_RE.match(self.dispatch):
@@ -49,6 +53,14 @@ class HierMoEConfig:
             raise ValueError(f"swap_interval must be an integer >= 0 (0 = never), got {self.swap_interval!r}")
         if isinstance(self.swap_pairs, bool) or not isinstance(self.swap_pairs, int) or self.swap_pairs < 1:
             raise ValueError(f"swap_pairs must be an integer >= 1, got {self.swap_pairs!r}")
+        if (
+            isinstance(self.overlap_chunks, bool)
+            or not isinstance(self.overlap_chunks, int)
+            or not 1 <= self.overlap_chunks <= 64
+        ):
+            raise ValueError(
+                f"overlap_chunks must be an integer from 1 (no overlap) to 64, got {self.overlap_chunks!r}"
+            )
         if self.cost_model is not None and not isinstance(self.cost_model, (str, os.PathLike)):
             raise ValueError(f"cost_model must be a path to a calibration JSON or None, got {self.cost_model!r}")
         if self.topology is not None:

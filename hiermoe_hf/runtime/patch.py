@@ -10,11 +10,12 @@ import torch.distributed as dist
 from hiermoe_hf import patches
 from hiermoe_hf.checkpoint.save import save_pretrained
 from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.cost.calibration import calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
-from hiermoe_hf.runtime.forward import experts_forward
-from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, world
+from hiermoe_hf.runtime.forward import experts_forward, run_layer
+from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, unwrap, world
 from hiermoe_hf.runtime.state import LayerState, Runtime
 from hiermoe_hf.topology import Topology
 
@@ -59,7 +60,7 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
             f"use a world size that divides {num_experts}"
         )
     groups = StageGroups(topology, rank) if world_size > 1 else None
-    runtime = Runtime(config, topology, rank, groups, adapter.MODEL_TYPE, load_cost_model(config.cost_model, topology))
+    runtime = Runtime(config, topology, rank, groups, adapter.MODEL_TYPE, _cost_model(config, topology, groups))
     for name, block in blocks:
         experts = block.experts
         layer = LayerState(name, runtime, Placement.contiguous(num_experts, world_size), adapter.EXPERT_PARAMS)
@@ -67,9 +68,32 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
             _shard(experts, layer.param_names, layer.local_logical())
         setattr(experts, LAYER_ATTR, layer)
         experts.forward = types.MethodType(experts_forward, experts)
+        if _overlaps_side_work(adapter, config, world_size):
+            block.forward = types.MethodType(_block_forward(adapter), block)
     setattr(model, STATE_ATTR, runtime)
     model.save_pretrained = types.MethodType(save_pretrained, model)  # collective, logical expert order
     return model
+
+
+def _cost_model(config: HierMoEConfig, topology: Topology, groups: StageGroups | None):
+    """The constants ``auto`` prices with: the given file or preset; else, for ``dispatch="auto"``
+    on several ranks, a short calibration of this cluster's links now (collective); else defaults."""
+    if config.cost_model is None and config.dispatch == "auto" and groups is not None:
+        return calibrate_at_patch(topology, groups)
+    return load_cost_model(config.cost_model, topology)
+
+
+def _overlaps_side_work(adapter, config: HierMoEConfig, world_size: int) -> bool:
+    """Blocks with work beside the routed experts (DeepSeek-V3's shared experts) run it while the
+    routed tokens travel, when the layer pipelines (``overlap_chunks`` > 1)."""
+    return world_size > 1 and config.overlap_chunks > 1 and hasattr(adapter, "forward_with_side")
+
+
+def _block_forward(adapter):
+    def forward(block, hidden_states):
+        return adapter.forward_with_side(block, hidden_states, run_layer)
+
+    return forward
 
 
 def _gather_full(local: torch.Tensor, placement: Placement) -> torch.Tensor:
@@ -83,6 +107,8 @@ def _gather_full(local: torch.Tensor, placement: Placement) -> torch.Tensor:
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Gather the full experts back (collective) and restore Transformers' forward on every block."""
     rt = runtime_of(model)
+    for _, block in patches.find_moe_blocks(unwrap(model), patches.ADAPTERS[rt.model_type]):
+        block.__dict__.pop("forward", None)  # the side-work forward, if patch installed one
     for _, (experts, layer) in moe_layers(model).items():
         if rt.world_size > 1:
             for name in layer.param_names:

@@ -42,7 +42,7 @@ from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
 
 ENV_PREFIX = "HIERMOE_"
-_INT_FIELDS = ("swap_interval", "swap_pairs")
+_INT_FIELDS = ("swap_interval", "swap_pairs", "overlap_chunks")
 # DDP-style launches: one full replica of the dense model per process, gradients averaged by DDP.
 _SUPPORTED = tuple(
     getattr(DistributedType, n)
@@ -73,6 +73,7 @@ class HierMoEPlugin:
     swap_policy: str | None = field(default=None, metadata=_help("'hierd' (dedup-aware) or 'load'"))
     cost_model: str | None = field(default=None, metadata=_help("path of a calibration JSON; unset = defaults"))
     swap_pairs: int | None = field(default=None, metadata=_help("expert pairs exchanged per swap round"))
+    overlap_chunks: int | None = field(default=None, metadata=_help("token chunks pipelined per MoE layer; 1 = none"))
 
     def __post_init__(self) -> None:
         defaults = HierMoEConfig()
@@ -112,6 +113,7 @@ class HierMoEPlugin:
             swap_policy=self.swap_policy,
             cost_model=self.cost_model,
             swap_pairs=self.swap_pairs,
+            overlap_chunks=self.overlap_chunks,
         )
 
     def resolve_topology(self, world_size: int) -> Topology:
