@@ -60,9 +60,9 @@ WORKLOADS = {
     "E256-K8 group-limited zipf": (256, 8, "zipf", (8, 4)),
 }
 ZIPF_S = 1.2
-# Collectives per stage in one training step: dispatch forward (counts, rows, route), combine
-# forward (rows), combine backward (rows), dispatch backward (row grads, weight grads).
-LATENCIES_PER_STAGE = 7
+# Collectives per stage in one training step: the forward's (dispatch: rows with their route in one
+# buffer; combine: rows) and as many in the backward. The layer's one count exchange is not per stage.
+LATENCIES_PER_STAGE = 2 * pr.FORWARD_LATENCIES
 
 
 def parse_rate(text: str | None) -> float | None:

@@ -144,3 +144,14 @@ def test_budgets_per_strategy_and_auto_free(ranks, model_name):
         want = {k: sum(fixed[s][k] for s in r["strategies"]) for k in fixed["a2a"]}
         got = {k: r[k] for k in ("collectives", "forward_reads", "backward_reads", "hidden_syncs")}
         assert got == want, (r["strategies"], got, want, r["calls"])
+
+
+@pytest.mark.parametrize("strategy", ["a2a", "hd2"])
+def test_chunks_add_only_their_row_exchanges(ranks, strategy):
+    """overlap_chunks=3: still one count exchange and one host read per layer; each chunk adds only
+    its row exchanges (the budget minus the count exchange, per chunk)."""
+    chunks = 3
+    for r in ranks(4).run(count_step, "qwen3_moe", strategy, chunks):
+        per = _per_layer(r)
+        assert per["collectives"] == 1 + chunks * (BUDGET[strategy] - 1), (per, r["calls"])
+        assert per["forward_reads"] == 1 and per["backward_reads"] == 0 and per["hidden_syncs"] == 0, r["calls"]

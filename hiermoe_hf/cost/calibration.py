@@ -253,3 +253,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+
+
+PATCH_SIZES = (64 << 10, 1 << 20)  # per-peer bytes: one latency-bound and one bandwidth-bound point
+PATCH_LOCAL_ROWS = (1024, 4096)
+
+
+def calibrate_at_patch(topology: Topology, groups: StageGroups, device: torch.device | None = None) -> CostModel:
+    """A short calibration when a model is patched with ``dispatch="auto"`` and no cost model (so
+    ``auto`` prices this cluster's links, not defaults): every stage kind at two sizes, 2 exchanges
+    each, plus the local pack/unpack at two row counts; well under a second on a 200 Mbit/s link.
+    The same CostModel on every rank (slowest rank's times). Collective."""
+    if device is None:
+        device = _default_device()
+    samples = measure(topology, PATCH_SIZES, reps=2, trials=1, device=device, groups=groups)
+    stages = {name: fit_alpha_beta([n for n, _ in s], [t for _, t in s]) for name, s in samples.items()}
+    local_samples = measure_local(device, dtype=torch.float32, hidden=1024, rows=PATCH_LOCAL_ROWS, trials=1)
+    local = fit_alpha_beta([n for n, _ in local_samples], [t for _, t in local_samples])
+    # LAPACK's least squares can differ in the last bit between processes (SIMD paths depend on
+    # memory alignment) and auto needs identical constants everywhere: take rank 0's fit.
+    names = sorted(stages)
+    fitted = torch.tensor([[stages[n].alpha, stages[n].beta] for n in names] + [[local.alpha, local.beta]],
+                          dtype=torch.float64, device=device)
+    dist.broadcast(fitted, src=0)
+    rows = fitted.tolist()
+    stages = {n: StageCost(a, b, stages[n].r2) for n, (a, b) in zip(names, rows)}
+    local = StageCost(rows[-1][0], rows[-1][1], local.r2)
+    meta = {"samples": {name: [[n, t] for n, t in s] for name, s in samples.items()}}
+    source = f"calibrated at patch time ({dist.get_backend()}, {topology})"
+    return CostModel(str(topology), stages, source, False, meta, local)

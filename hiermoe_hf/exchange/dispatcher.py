@@ -63,6 +63,18 @@ class DispatchHandle:
     records: tuple[StageRecord, ...]
 
 
+def pack_stage(x_RH, ids_RK, w_RK, plan: ExchangePlan, ops: SimpleNamespace, stage: Stage, group, splits):
+    """One stage's local half: layout (size known from the count exchange) and pack of rows, ids and
+    weights. -> (x_PH, ids_PK, w_PK, StageRecord)."""
+    dest_rank = torch.where(ids_RK >= 0, ids_RK // plan.local_experts, -1)
+    layout = ops.stage_layout(
+        dest_rank, plan.topology.stride(stage.hi), plan.topology.group_size(stage), stage.dedup, sum(splits.send)
+    )
+    x_P = ops.pack_rows(x_RH, layout.src_row_P)
+    ids_P, w_P = ops.pack_route(ids_RK, w_RK, layout.src_row_P, layout.mask_PK)
+    return x_P, ids_P, w_P, StageRecord(stage, group, layout, splits.send, splits.recv, x_RH.shape[0])
+
+
 def dispatch(
     x_TH: torch.Tensor,
     phys_TK: torch.Tensor,
@@ -93,13 +105,8 @@ def dispatch(
     x, ids, w = x_TH, phys_TK, w_TK
     records = []
     for stage, group, splits in zip(plan.stages, plan.groups, counts.splits):
-        dest_rank = torch.where(ids >= 0, ids // plan.local_experts, -1)
-        layout = ops.stage_layout(
-            dest_rank, plan.topology.stride(stage.hi), plan.topology.group_size(stage), stage.dedup, sum(splits.send)
-        )
-        x_P = ops.pack_rows(x, layout.src_row_P)
-        ids_P, w_P = ops.pack_route(ids, w, layout.src_row_P, layout.mask_PK)
-        records.append(StageRecord(stage, group, layout, splits.send, splits.recv, x.shape[0]))
+        x_P, ids_P, w_P, rec = pack_stage(x, ids, w, plan, ops, stage, group, splits)
+        records.append(rec)
         if group is None:
             x, w, ids = x_P, w_P, ids_P
         else:

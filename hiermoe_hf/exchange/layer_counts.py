@@ -111,27 +111,47 @@ def exchange_counts(
 ) -> LayerCounts:
     """The layer's one collective (``all_reduce`` in ``group``, the whole expert-parallel group; None
     for a single rank) and one host read. With several candidates, ``cost_model`` prices them."""
-    flat = contribution(topology, candidates, dest_TK, rank)
-    load = flat[: topology.world_size].clone()
+    return exchange_chunk_counts(topology, group, rank, candidates, [dest_TK], row_bytes, cost_model)[0]
+
+
+def exchange_chunk_counts(
+    topology: Topology,
+    group,
+    rank: int,
+    candidates: tuple[str, ...],
+    dest_chunks: list[torch.Tensor],
+    row_bytes: int = 0,
+    cost_model=None,
+) -> list[LayerCounts]:
+    """``exchange_counts`` for a layer whose tokens travel in chunks (``overlap_chunks``): every
+    chunk's split sizes still come from one collective and one host read; ``auto`` prices the whole
+    layer (the chunks' counts summed), so chunking never changes the choice."""
+    C, W = len(dest_chunks), topology.world_size
+    flat_CN = torch.stack([contribution(topology, candidates, d, rank) for d in dest_chunks])
+    load_CW = flat_CN[:, :W].clone()
     if group is not None:
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(flat_CN, op=dist.ReduceOp.SUM, group=group)
     predicted = None
-    head = torch.zeros(1, dtype=torch.int64, device=flat.device)
+    head = torch.zeros(1, dtype=torch.int64, device=flat_CN.device)
     if len(candidates) > 1:
-        predicted = price(topology, split_global(topology, candidates, flat), row_bytes, cost_model)
+        predicted = price(topology, split_global(topology, candidates, flat_CN.sum(0)), row_bytes, cost_model)
         head = torch.argmin(predicted).view(1)  # first minimum: ties go to the earlier candidate
-    host = torch.cat([head, flat]).tolist()  # the layer's one device-to-host read
+    host = torch.cat([head, flat_CN.reshape(-1)]).tolist()  # the layer's one device-to-host read
     choice = candidates[host[0]]
-    offset = 1 + topology.world_size
+    offset = W
     for name in candidates:
         if name == choice:
             break
-        offset += sum(topology.world_size * topology.group_size(st) for st in topology.stages(name))
-    return LayerCounts(
-        strategy=choice,
-        splits=_splits(topology, rank, choice, host, offset),
-        arriving=host[1 + rank],
-        load_per_rank=load,
-        candidates=tuple(candidates),
-        predicted_ms=predicted,
-    )
+        offset += sum(W * topology.group_size(st) for st in topology.stages(name))
+    N = flat_CN.shape[1]
+    return [
+        LayerCounts(
+            strategy=choice,
+            splits=_splits(topology, rank, choice, host, 1 + c * N + offset),
+            arriving=host[1 + c * N + rank],
+            load_per_rank=load_CW[c],
+            candidates=tuple(candidates),
+            predicted_ms=predicted,
+        )
+        for c in range(C)
+    ]

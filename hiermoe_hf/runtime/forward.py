@@ -9,7 +9,8 @@ import torch
 from hiermoe_hf.exchange.comm import meta_row_bytes, whole_group
 from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch, stage_stats
 from hiermoe_hf.exchange.experts import local_experts_forward
-from hiermoe_hf.exchange.layer_counts import LayerCounts, exchange_counts
+from hiermoe_hf.exchange.layer_counts import LayerCounts, exchange_chunk_counts
+from hiermoe_hf.exchange.pipeline import pipelined_layer
 from hiermoe_hf.kernels import select_ops
 from hiermoe_hf.runtime import guards
 from hiermoe_hf.runtime.registry import LAYER_ATTR
@@ -18,6 +19,15 @@ from hiermoe_hf.runtime.state import Elapsed, ForwardRecord, LayerState, Runtime
 
 def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor):
     """Replaces the experts module's forward on this instance (same signature as Transformers')."""
+    return run_layer(self, hidden_TH, topk_ids_TK, topk_w_TK)[0]
+
+
+def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor, side=None):
+    """The routed experts of one block over the exchange -> (out_TH, side() or None).
+
+    ``side`` (DeepSeek-V3's shared experts, ``overlap_chunks`` > 1) runs while the routed tokens are
+    in flight; without an exchange it runs after the experts.
+    """
     layer: LayerState = getattr(self, LAYER_ATTR)
     rt = layer.runtime
     T, K = topk_ids_TK.shape
@@ -26,7 +36,8 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
         layer.routing.count_pass()  # one more exchange of routing already recorded (not a new batch)
     if rt.world_size == 1:
         layer.last = ForwardRecord("local", T, "torch", (), [T * K], recompute=recompute)
-        return type(self).forward(self, hidden_TH, topk_ids_TK, topk_w_TK)
+        out_TH = type(self).forward(self, hidden_TH, topk_ids_TK, topk_w_TK)
+        return out_TH, side() if side is not None else None
     e = layer.local_experts
     placement = layer.placement
     guards.check_forward(self, layer, topk_ids_TK)
@@ -39,41 +50,61 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
     # they carry partial sums. The block returns its input's dtype, as Transformers' experts do.
     x_TH = hidden_TH.to(_compute_dtype(hidden_TH))
     sum_dtype = torch.promote_types(hidden_TH.dtype, getattr(self, layer.param_names[0]).dtype)
-    counts = _count(rt, phys_TK // e, x_TH)  # the layer's one collective before rows move
-    strategy = counts.strategy
+    C = rt.config.overlap_chunks
+    chunk_counts = _count(rt, torch.tensor_split(phys_TK // e, C), x_TH)  # one collective, one read
+    first = chunk_counts[0]
+    strategy = first.strategy
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
-    t0 = Elapsed.mark(hidden_TH)
-    x_RH, phys_RK, w_RK, handle = dispatch(x_TH, phys_TK, topk_w_TK, plan, ops, counts)
-    t1 = Elapsed.mark(hidden_TH)
     row_bytes = x_TH.shape[1] * x_TH.element_size()
     meta_bytes = meta_row_bytes(K, topk_w_TK.dtype)
-    predicted = {} if counts.predicted_ms is None else dict(zip(counts.candidates, counts.predicted_ms.unbind()))
-    # Recorded once the dispatch is done: a non-reentrant checkpoint recompute may be stopped early
-    # (torch's early stop) after it, and its dispatch traffic must still be counted.
-    layer.last = record = ForwardRecord(
-        strategy=strategy,
-        tokens=T,
-        kernels=ops.name,
-        stages=tuple(stage_stats(handle, plan, row_bytes, meta_bytes)),
-        load_per_rank=counts.load_per_rank,
-        predicted_ms=predicted.get(strategy),
-        predicted_ms_by_strategy=predicted,
-        measured_ms=Elapsed((t0, t1)),
-        cost_model=rt.cost_model.source,
-        cost_model_defaults=bool(rt.cost_model.defaults_used),
-        recompute=recompute,
-    )
-    y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops, counts.arriving, out_dtype=sum_dtype)
-    t2 = Elapsed.mark(hidden_TH)
-    out_TH = combine(y_RH, handle, ops).to(hidden_TH.dtype)
-    t3 = Elapsed.mark(hidden_TH)
-    layer.last = replace(record, measured_ms=Elapsed((t0, t1), (t2, t3)), expert_rows=counts_e.sum())
+    predicted = {} if first.predicted_ms is None else dict(zip(first.candidates, first.predicted_ms.unbind()))
+
+    def record(handle, spans, expert_rows=None) -> ForwardRecord:
+        return ForwardRecord(
+            strategy=strategy,
+            tokens=T,
+            kernels=ops.name,
+            stages=tuple(stage_stats(handle, plan, row_bytes, meta_bytes)),
+            load_per_rank=sum(cc.load_per_rank for cc in chunk_counts[1:]) + first.load_per_rank,
+            predicted_ms=predicted.get(strategy),
+            predicted_ms_by_strategy=predicted,
+            measured_ms=Elapsed(*spans),
+            cost_model=rt.cost_model.source,
+            cost_model_defaults=bool(rt.cost_model.defaults_used),
+            expert_rows=expert_rows,
+            recompute=recompute,
+        )
+
+    t0 = Elapsed.mark(hidden_TH)
+    if C == 1:
+        x_RH, phys_RK, w_RK, handle = dispatch(x_TH, phys_TK, topk_w_TK, plan, ops, first)
+        t1 = Elapsed.mark(hidden_TH)
+        # Recorded once the dispatch is done: a non-reentrant checkpoint recompute may be stopped early
+        # (torch's early stop) after it, and its dispatch traffic must still be counted.
+        layer.last = record(handle, ((t0, t1),))
+        y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops, first.arriving, out_dtype=sum_dtype)
+        t2 = Elapsed.mark(hidden_TH)
+        out_TH = combine(y_RH, handle, ops).to(hidden_TH.dtype)
+        side_out = side() if side is not None else None
+        t3 = Elapsed.mark(hidden_TH)
+        layer.last = replace(layer.last, measured_ms=Elapsed((t0, t1), (t2, t3)), expert_rows=counts_e.sum())
+    else:
+        rows = []
+
+        def experts_fn(x_RH, phys_RK, w_RK, arriving):
+            y_RH, counts_e = local_experts_forward(self, x_RH, phys_RK, w_RK, e, ops, arriving, out_dtype=sum_dtype)
+            rows.append(counts_e.sum())
+            return y_RH
+
+        out_TH, handle, side_out = pipelined_layer(x_TH, phys_TK, topk_w_TK, plan, ops, chunk_counts, experts_fn, side)
+        out_TH = out_TH.to(hidden_TH.dtype)
+        layer.last = record(handle, ((t0, Elapsed.mark(hidden_TH)),), torch.stack(rows).sum())  # experts included
     if layer.records_routing:
         if not recompute:  # the window holds each routing once; this forward is one exchange pass
             layer.routing.record(topk_ids_TK, placement.num_experts, training=False)
         if out_TH.requires_grad:  # its backward is one more pass, counted when (and each time) it runs
             out_TH.register_hook(layer.routing.count_pass)
-    return out_TH
+    return out_TH, side_out
 
 
 def _compute_dtype(hidden_TH: torch.Tensor) -> torch.dtype:
@@ -89,11 +120,13 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _count(rt: Runtime, dest_rank_TK: torch.Tensor, x_TH: torch.Tensor) -> LayerCounts:
-    """Split sizes of every stage (and, for ``auto``, the choice) from one collective and one host read."""
+def _count(rt: Runtime, dest_chunks: tuple[torch.Tensor, ...], x_TH: torch.Tensor) -> list[LayerCounts]:
+    """Split sizes of every stage of every chunk (and, for ``auto``, the choice) from one collective
+    and one host read."""
     fixed = rt.config.dispatch != "auto"
     candidates = (rt.config.dispatch,) if fixed else tuple(rt.topology.strategies())
     row_bytes = x_TH.shape[1] * x_TH.element_size()
-    return exchange_counts(
-        rt.topology, whole_group(rt.topology, rt.groups), rt.rank, candidates, dest_rank_TK, row_bytes, rt.cost_model
+    return exchange_chunk_counts(
+        rt.topology, whole_group(rt.topology, rt.groups), rt.rank, candidates, list(dest_chunks), row_bytes,
+        rt.cost_model,
     )

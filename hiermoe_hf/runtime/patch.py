@@ -10,12 +10,13 @@ import torch.distributed as dist
 from hiermoe_hf import patches
 from hiermoe_hf.checkpoint.save import save_pretrained
 from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.cost.calibration import calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
 from hiermoe_hf.runtime import guards, registry
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
-from hiermoe_hf.runtime.forward import experts_forward
+from hiermoe_hf.runtime.forward import experts_forward, run_layer
 from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, world
 from hiermoe_hf.runtime.state import LayerState, Runtime
 from hiermoe_hf.topology import Topology
@@ -65,11 +66,12 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
     num_experts = adapter.num_experts(model.config)
     layout, topology = resolve_layout(config, num_experts)
     world_size, rank = layout.ep_size, layout.rank  # the expert-parallel group's from here on
+    ep_group, replica_group = process_groups(layout)
+    groups = StageGroups(topology, rank, layout.replica, layout.replicas) if world_size > 1 else None
     runtime = Runtime(
-        config, topology, rank, None, adapter.MODEL_TYPE, load_cost_model(config.cost_model, topology), layout,
-        *process_groups(layout),
+        config, topology, rank, groups, adapter.MODEL_TYPE, _cost_model(config, topology, groups), layout,
+        ep_group, replica_group,
     )
-    runtime.groups = StageGroups(topology, rank, layout.replica, layout.replicas) if world_size > 1 else None
     for name, block in blocks:
         experts = block.experts
         guards.refuse_adapted_experts(experts, name)
@@ -78,6 +80,8 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
             _shard(experts, layer.param_names, layer.local_logical())
         setattr(experts, LAYER_ATTR, layer)
         experts.forward = types.MethodType(experts_forward, experts)
+        if _overlaps_side_work(adapter, config, world_size):
+            block.forward = types.MethodType(_block_forward(adapter), block)
     setattr(model, STATE_ATTR, runtime)
     model.save_pretrained = types.MethodType(save_pretrained, model)  # collective, logical expert order
     if layout.world_size > 1:
@@ -120,6 +124,27 @@ def process_groups(layout: EPLayout) -> tuple[object, object]:
     return ep, rep
 
 
+def _cost_model(config: HierMoEConfig, topology: Topology, groups: StageGroups | None):
+    """The constants ``auto`` prices with: the given file or preset; else, for ``dispatch="auto"``
+    on several ranks, a short calibration of this cluster's links now (collective); else defaults."""
+    if config.cost_model is None and config.dispatch == "auto" and groups is not None:
+        return calibrate_at_patch(topology, groups)
+    return load_cost_model(config.cost_model, topology)
+
+
+def _overlaps_side_work(adapter, config: HierMoEConfig, world_size: int) -> bool:
+    """Blocks with work beside the routed experts (DeepSeek-V3's shared experts) run it while the
+    routed tokens travel, when the layer pipelines (``overlap_chunks`` > 1)."""
+    return world_size > 1 and config.overlap_chunks > 1 and hasattr(adapter, "forward_with_side")
+
+
+def _block_forward(adapter):
+    def forward(block, hidden_states):
+        return adapter.forward_with_side(block, hidden_states, run_layer)
+
+    return forward
+
+
 def _gather_full(local: torch.Tensor, placement: Placement, group) -> torch.Tensor:
     """All group ranks' slot tensors [e, ...] -> the full tensor [E, ...] in logical expert order."""
     parts = [torch.empty_like(local) for _ in range(placement.world_size)]
@@ -138,6 +163,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     outer, model = model, registry.unwrap(model)
     ddp.release(model)
     guards.remove_synced_generate(model)
+    for _, block in patches.find_moe_blocks(model, patches.ADAPTERS[rt.model_type]):
+        block.__dict__.pop("forward", None)  # the side-work forward, if patch installed one
     for _, (experts, layer) in moe_layers(model).items():
         if rt.world_size > 1:
             for name in layer.param_names:

@@ -45,7 +45,7 @@ from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
 
 ENV_PREFIX = "HIERMOE_"
-_INT_FIELDS = ("swap_interval", "swap_pairs", "ep_size")
+_INT_FIELDS = ("swap_interval", "swap_pairs", "overlap_chunks", "ep_size")
 # DDP-style launches: one full replica of the dense model per process, gradients averaged by DDP.
 _SUPPORTED = tuple(
     getattr(DistributedType, n)
@@ -76,6 +76,7 @@ class HierMoEPlugin:
     swap_policy: str | None = field(default=None, metadata=_help("'hierd' (dedup-aware) or 'load'"))
     cost_model: str | None = field(default=None, metadata=_help("path of a calibration JSON; unset = defaults"))
     swap_pairs: int | None = field(default=None, metadata=_help("expert pairs exchanged per swap round"))
+    overlap_chunks: int | None = field(default=None, metadata=_help("token chunks pipelined per MoE layer; 1 = none"))
     ep_size: int | None = field(
         default=None, metadata=_help("ranks per expert-parallel group; unset = the world (HIERMOE_EP_SIZE)")
     )
@@ -119,6 +120,7 @@ class HierMoEPlugin:
             swap_policy=self.swap_policy,
             cost_model=self.cost_model,
             swap_pairs=self.swap_pairs,
+            overlap_chunks=self.overlap_chunks,
             ep_size=self.ep_size,
         )
 
