@@ -123,3 +123,118 @@ def test_fsdp2_training_equals_single_process(ranks, tmp_path, kind, world, topo
         if name in full:
             assert torch.equal(tensor, full[name]), name
     assert set(full) <= set(reloaded)
+
+
+def _fresh_accelerator():
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE=str(dist.get_world_size()))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(cpu=True)
+
+
+def _digest(model, opt) -> dict:
+    """Every parameter and optimizer-state tensor this rank holds (local shards), bit for bit."""
+    def local(t):
+        return (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
+
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = local(p)
+        for key, value in opt.state.get(p, {}).items():
+            out[f"{name}/{key}"] = local(value) if isinstance(value, torch.Tensor) else value
+    out.update({f"{n}/placement": layer.placement.phys_of_E.tolist() for n, (_, layer) in moe_layers(model).items()})
+    return out
+
+
+def _rank_plugin(kind, topology, steps, save_at=None, state_dir=None, resume=False, env=False):
+    import os
+
+    from hiermoe_hf.accelerate import HierMoEPlugin
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    acc = _fresh_accelerator()
+    acc.log = lambda *a, **k: None
+    model = build_model(CONFIGS[kind](), seed=0 if not resume else 7).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)  # made before prepare: re-pointed at the shards
+    kw = dict(topology=topology, dispatch="hd2" if "x1" in topology or topology == "2x2" else "a2a",
+              swap_interval=2, swap_policy="load", swap_pairs=2)
+    if env:
+        os.environ["HIERMOE_DENSE_SHARDING"] = "fsdp2"
+        plugin = HierMoEPlugin(**kw)
+        del os.environ["HIERMOE_DENSE_SHARDING"]
+    else:
+        plugin = HierMoEPlugin(dense_sharding="fsdp2", **kw)
+    model, opt = plugin.prepare(acc, model, opt)
+    inner = acc.unwrap_model(model)
+    assert any(isinstance(p, DTensor) for p in inner.parameters())
+    start, at_save, at_load = 0, None, None
+    if resume:
+        acc.load_state(state_dir)
+        start, at_load = save_at, _digest(inner, opt.optimizer)
+    losses, norms = [], []
+    for step in range(start, steps):
+        x = _micro(step, W, r)
+        loss = model(input_ids=x, labels=x).loss
+        acc.backward(loss)
+        norms.append(float(acc.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / W)
+        if save_at is not None and not resume and step + 1 == save_at:
+            acc.save_state(state_dir)
+            at_save = _digest(inner, opt.optimizer)
+    return losses, norms, plugin.swaps_done, at_save, at_load
+
+
+@pytest.mark.parametrize("kind,world,topology,env", [("qwen3_moe", 2, "2x1", False), ("deepseek_v3", 4, "2x2", True)])
+def test_plugin_fsdp2_trains_and_resumes_exactly(ranks, tmp_path, kind, world, topology, env):
+    """HierMoEPlugin(dense_sharding="fsdp2") (or HIERMOE_DENSE_SHARDING=fsdp2) on CPU applies FSDP2 itself;
+    training equals single-process; save_state at step 3, load_state in the same ranks, continue."""
+    state_dir = str(tmp_path / "state")
+    full = ranks(world).run(_rank_plugin, kind, topology, STEPS, save_at=3, state_dir=state_dir, env=env)
+    resumed = ranks(world).run(
+        _rank_plugin, kind, topology, STEPS, save_at=3, state_dir=state_dir, resume=True, env=env
+    )
+    want_losses, want_norms, _ = _reference(kind, world)
+    for rank, ((losses, norms, swaps, at_save, _), (r_losses, r_norms, r_swaps, _, at_load)) in enumerate(
+        zip(full, resumed)
+    ):
+        assert _rel(losses, want_losses) < 1e-5 and _rel(norms, want_norms) < 1e-5, (rank, losses, want_losses)
+        assert swaps > 0, "no swap happened: the test would prove nothing"
+        assert set(at_load) == set(at_save)
+        for key, value in at_save.items():  # the state after load_state is the state saved, bit for bit
+            same = torch.equal(at_load[key], value) if isinstance(value, torch.Tensor) else at_load[key] == value
+            assert same, (rank, key)
+        assert r_losses == losses[3:] and r_norms == norms[3:] and r_swaps == swaps, rank
+
+
+def test_dense_sharding_bad_value():
+    from hiermoe_hf.accelerate import HierMoEPlugin
+
+    with pytest.raises(ValueError, match="dense_sharding='fsdp'.*ddp, fsdp2"):
+        HierMoEPlugin(dense_sharding="fsdp")
+
+
+def test_trainer_callback_fsdp2_equals_single_process(ranks, tmp_path):
+    """HierMoECallback(dense_sharding="fsdp2") under transformers.Trainer, with swaps: the oracle and the
+    job are test_trainer_callback's (every row the same sequence, so the global batch is known)."""
+    import test_trainer_callback as tc
+
+    kw = dict(dense_sharding="fsdp2", swap_interval=1, swap_policy="load", swap_pairs=2)
+    results = ranks(2).run(tc.trainer_job, str(tmp_path), kw)
+    ref, want_norm = tc.reference_model()
+    with torch.no_grad():
+        want = ref(tc._probe()).logits
+    for logits, norm, metrics, _, _ in results:
+        assert tc._rel(logits, want) < 1e-5 and abs(norm / want_norm - 1) < 1e-5
+        assert metrics["hiermoe/swaps_done"] > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final")).eval()
+    with torch.no_grad():
+        assert tc._rel(reloaded(tc._probe()).logits, want) < 1e-5

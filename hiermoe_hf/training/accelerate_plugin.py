@@ -38,6 +38,7 @@ from hiermoe_hf.runtime.registry import is_patched, runtime_of
 from hiermoe_hf.topology import Topology, levels_from_launcher, parse_levels
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, expert_parameter_names, keep_experts_out_of_ddp
+from hiermoe_hf.training.fsdp import dense_sharding_from_env, is_sharded, shard_dense_repointing
 from hiermoe_hf.training.traffic import TrafficMeter, summarize
 
 ENV_PREFIX = "HIERMOE_"
@@ -72,8 +73,12 @@ class HierMoEPlugin:
     swap_policy: str | None = field(default=None, metadata=_help("'hierd' (dedup-aware) or 'load'"))
     cost_model: str | None = field(default=None, metadata=_help("path of a calibration JSON; unset = defaults"))
     swap_pairs: int | None = field(default=None, metadata=_help("expert pairs exchanged per swap round"))
+    dense_sharding: str | None = field(
+        default=None, metadata=_help("'ddp' (dense part replicated, default) or 'fsdp2' (hiermoe_hf.shard_dense)")
+    )
 
     def __post_init__(self) -> None:
+        self.dense_sharding = dense_sharding_from_env(self.dense_sharding)
         defaults = HierMoEConfig()
         for f in fields(HierMoEConfig):
             if getattr(self, f.name) is not None:
@@ -177,10 +182,17 @@ class HierMoEPlugin:
             replaced = {id(before[n]): p for n, p in after.items() if n in before and before[n] is not p}
             for opt in optimizers:
                 _repoint(opt, replaced)
-        if world > 1:
+        fsdp2 = self.dense_sharding == "fsdp2" and world > 1
+        if fsdp2:
+            shard_dense_repointing(model, optimizers)
+        elif world > 1:
             keep_experts_out_of_ddp(model)
+        if world > 1:
             divide_expert_grads_by_world(model)
-        prepared = accelerator.prepare(*objects, **prepare_kwargs)
+        if fsdp2:  # Accelerate would wrap the sharded model in DDP (it refuses DTensors): register it unwrapped
+            prepared = _prepare_without_ddp(accelerator, model, objects, prepare_kwargs)
+        else:
+            prepared = accelerator.prepare(*objects, **prepare_kwargs)
         as_tuple = prepared if isinstance(prepared, tuple) else (prepared,)
         accelerated = [o for o in as_tuple if isinstance(o, AcceleratedOptimizer)]
         self._attach(accelerator, model, accelerated[0] if accelerated else None)
@@ -191,7 +203,8 @@ class HierMoEPlugin:
         if dtype not in _SUPPORTED:
             raise ValueError(
                 f"HierMoEPlugin supports DDP-style launches ({', '.join(str(t) for t in _SUPPORTED)}), not {dtype}: "
-                "experts are already sharded by expert parallelism; drop FSDP/DeepSpeed/Megatron from the config"
+                "experts are already sharded by expert parallelism; drop FSDP/DeepSpeed/Megatron from the config "
+                "(for FSDP2 on the dense part use HierMoEPlugin(dense_sharding='fsdp2'))"
             )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         world = accelerator.num_processes
@@ -248,6 +261,8 @@ class HierMoEPlugin:
                 # Rank 0's expert slices mean nothing to other ranks: the per-rank files carry all of them.
                 for name in expert_parameter_names(wrapped):
                     state.pop(name, None)
+                for name in [k for k, v in state.items() if is_sharded(v)]:  # FSDP2 shards: per-rank files
+                    state.pop(name)
         self._store.save(output_dir, {"step": self.step, "swaps_done": self.swaps_done})
 
     def _load_state_hook(self, models, input_dir) -> None:
@@ -265,6 +280,16 @@ def _parse_env(env: str, name: str, raw: str) -> Any:
     if name == "cost_model" and raw.lower() == "none":
         return None
     return raw
+
+
+def _prepare_without_ddp(accelerator, model, objects, prepare_kwargs):
+    """``accelerator.prepare(*objects)`` with the (FSDP2-sharded) model registered but not wrapped."""
+    registered = accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
+    rest = [o for o in objects if o is not model]
+    others = accelerator.prepare(*rest, **prepare_kwargs) if rest else ()
+    others = iter(others if isinstance(others, tuple) else (others,))
+    out = tuple(registered if o is model else next(others) for o in objects)
+    return out if len(out) > 1 else out[0]
 
 
 def _repoint(optimizer: torch.optim.Optimizer, replaced: dict[int, torch.nn.Parameter]) -> None:

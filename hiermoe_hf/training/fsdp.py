@@ -13,6 +13,8 @@ loops) or the plugin's gradient hooks.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -85,3 +87,33 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def local_view(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def dense_sharding_from_env(value: str | None) -> str:
+    """The plugin/callback field: the argument, else ``HIERMOE_DENSE_SHARDING``, else "ddp"; validated."""
+    source = "dense_sharding"
+    if value is None:
+        raw = os.environ.get("HIERMOE_DENSE_SHARDING", "").strip()
+        value, source = (raw or "ddp"), ("HIERMOE_DENSE_SHARDING" if raw else source)
+    if value not in DENSE_SHARDINGS:
+        raise ValueError(f"{source}={value!r} is not valid; choose one of {', '.join(DENSE_SHARDINGS)}")
+    return value
+
+
+def shard_dense_repointing(model: torch.nn.Module, optimizers=(), mixed_precision=None) -> None:
+    """``shard_dense``, then point optimizers made before it at the sharded dense parameters.
+
+    An optimizer that has already stepped cannot be re-pointed (its state is for the full tensors).
+    """
+    before = dict(unwrap(model).named_parameters())
+    for opt in optimizers:
+        if any(opt.state.get(p) for group in opt.param_groups for p in group["params"]):
+            raise ValueError(
+                "the optimizer has already stepped; with dense_sharding='fsdp2' create it before any step "
+                "(or after sharding) and pass it to prepare"
+            )
+    shard_dense(model, mixed_precision)
+    replaced = {id(before[n]): p for n, p in unwrap(model).named_parameters() if n in before and before[n] is not p}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["params"] = [replaced.get(id(p), p) for p in group["params"]]

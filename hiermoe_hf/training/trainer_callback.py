@@ -31,6 +31,7 @@ from hiermoe_hf.runtime.registry import is_patched, runtime_of
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin, _flat_metrics
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, keep_experts_out_of_ddp
+from hiermoe_hf.training.fsdp import shard_dense
 from hiermoe_hf.training.traffic import TrafficMeter
 
 _TRAINER_MODULE = "transformers.trainer"  # Trainer._save lives here; its model save runs on rank 0 only
@@ -78,8 +79,14 @@ class HierMoECallback(TrainerCallback):
                 f"the model is patched with topology {runtime_of(model).topology}, not {topology} as resolved for "
                 "this launch"
             )
-        if world > 1:
+        if world > 1 and self.settings.dense_sharding == "fsdp2":
+            shard_dense(model)  # before the Trainer creates its optimizer
+            # Accelerate's own "already prepared" marker: it registers the model without a DDP wrapper
+            # (which it refuses around DTensors); FSDP2 reduces the dense grads.
+            model._is_accelerate_prepared = True
+        elif world > 1:
             keep_experts_out_of_ddp(model)
+        if world > 1:
             divide_expert_grads_by_world(model)
         if self.settings.swap_interval:
             from hiermoe_hf.swap.round import swap_experts  # noqa: F401  (fail now, not at the first swap)
