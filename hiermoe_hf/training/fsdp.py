@@ -70,9 +70,30 @@ def shard_dense(model: torch.nn.Module, mixed_precision: MixedPrecisionPolicy | 
     if mixed_precision is not None:
         kwargs["mp_policy"] = mixed_precision
     for layer in decoder_layers(base):
+        _shard_other_dtypes(layer, kwargs)
         fully_shard(layer, **kwargs)
+    _shard_other_dtypes(base, kwargs)
     fully_shard(base, **kwargs)
     return model
+
+
+def _shard_other_dtypes(module: torch.nn.Module, kwargs: dict) -> None:
+    """FSDP2 needs one dtype per group: submodules whose parameters differ from the module's main dtype
+    (DeepSeek-V3 keeps its router in fp32 in a bf16 model) get their own group, uncast by the policy."""
+    ignored = kwargs["ignored_params"]
+    sizes: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        if p not in ignored and not isinstance(p, DTensor):
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    if len(sizes) < 2:
+        return
+    main = max(sizes, key=sizes.get)
+    policy = kwargs.get("mp_policy")
+    own = {**kwargs, "mp_policy": MixedPrecisionPolicy(reduce_dtype=policy.reduce_dtype)} if policy else kwargs
+    for sub in module.modules():
+        direct = [p for p in sub.parameters(recurse=False) if p not in ignored and not isinstance(p, DTensor)]
+        if direct and any(p.dtype != main for p in direct):
+            fully_shard(sub, **own)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
