@@ -75,7 +75,8 @@ def load_model_and_tokenizer(args, plugin: HierMoEPlugin, accelerator: Accelerat
         return build_model(qwen3_30b_a3b_mini_config(), seed=args.seed).train(), byte_tokenizer()
     cfg = plugin.config(plugin.resolve_topology(accelerator.num_processes))
     try:
-        model = hiermoe_hf.from_pretrained(args.model, cfg)
+        # With FSDP2 each rank reads only its chunks of the dense part, and only its experts.
+        model = hiermoe_hf.from_pretrained(args.model, cfg, dense_sharding=plugin.dense_sharding)
     except (OSError, ValueError) as err:  # missing folder, malformed name, or a Hub name with no network
         raise SystemExit(f"finetune: cannot load --model {args.model!r}: {err}\n"
                          "Without network access pass a local folder (a save_pretrained checkpoint).") from None

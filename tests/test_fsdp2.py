@@ -277,3 +277,56 @@ def test_shard_dense_mixed_precision(ranks, kind):
         assert dtypes == [str((torch.bfloat16, torch.bfloat16))]  # bf16 rows in, bf16 out, as Transformers
         assert row_bytes == [hidden * 2] and grads_fp32
         assert err < 1e-2, err  # bf16 logits; measured: see docs/mixed_precision.md
+
+
+def _rank_load_sharded(folder, kind, topology):
+    """from_pretrained(dense_sharding="fsdp2") vs shard_dense(patch(plain from_pretrained)); rows read per key."""
+    from hiermoe_hf.checkpoint import load
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    reads: dict[str, list] = {}
+    original = load._ShardReader.slice
+
+    class Recording:
+        def __init__(self, key, inner):
+            self.key, self.inner = key, inner
+
+        def get_shape(self):
+            return self.inner.get_shape()
+
+        def get_dtype(self):
+            return self.inner.get_dtype()
+
+        def __getitem__(self, index):
+            out = self.inner[index]
+            reads.setdefault(self.key, []).append(out.shape[0] if out.dim() else 1)
+            return out
+
+    load._ShardReader.slice = lambda self, key: Recording(key, original(self, key))
+    try:
+        cfg = hiermoe_hf.HierMoEConfig(topology=topology, dispatch="a2a")
+        ours = hiermoe_hf.from_pretrained(folder, cfg, dense_sharding="fsdp2")
+    finally:
+        load._ShardReader.slice = original
+    ref = hiermoe_hf.shard_dense(hiermoe_hf.patch(AutoModelForCausalLM.from_pretrained(folder), cfg))
+    mine, theirs = dict(ours.named_parameters()), dict(ref.named_parameters())
+    differ = [n for n, p in theirs.items() if type(p) is not type(mine[n]) or not torch.equal(
+        p.to_local() if isinstance(p, DTensor) else p, mine[n].to_local() if isinstance(mine[n], DTensor) else mine[n])]
+    ids = _micro(0, W, r)
+    with torch.no_grad():
+        same_logits = torch.equal(ours(ids).logits, ref(ids).logits)
+    shapes = {n: tuple(p.shape) for n, p in theirs.items() if isinstance(p, DTensor)}
+    return differ, same_logits, reads, shapes
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_from_pretrained_reads_only_this_ranks_dense_shards(ranks, tmp_path, kind):
+    folder = str(tmp_path / "ckpt")
+    build_model(CONFIGS[kind]()).save_pretrained(folder)
+    world = 4
+    results = ranks(world).run(_rank_load_sharded, folder, kind, "2x2")
+    for rank, (differ, same_logits, reads, shapes) in enumerate(results):
+        assert differ == [] and same_logits and len(shapes) > 10, (rank, differ[:4])
+        for name, shape in shapes.items():  # every dense tensor: at most its ceil(rows / W) chunk was read
+            assert name in reads, (rank, name)
+            assert max(reads[name]) <= -(-shape[0] // world), (rank, name, reads[name], shape)

@@ -65,8 +65,14 @@ def shard_dense(model: torch.nn.Module, mixed_precision: MixedPrecisionPolicy | 
             f"patched for {runtime.world_size}; use the same ranks for both"
         )
     device = next(base.parameters()).device
-    mesh = init_device_mesh(device.type, (runtime.world_size,))
-    kwargs = {"mesh": mesh, "ignored_params": set(expert_parameters(model))}
+    fully_shard_dense(base, set(expert_parameters(model)), runtime.world_size, device.type, mixed_precision)
+    return model
+
+
+def fully_shard_dense(base, ignored: set, world: int, device_type: str, mixed_precision=None) -> None:
+    """``fully_shard`` each decoder layer, then the root, over a 1-D mesh of all ranks; ``ignored``
+    (the expert slices) stay out. Works on a model still on the meta device (loading shards on read)."""
+    kwargs = {"mesh": init_device_mesh(device_type, (world,)), "ignored_params": ignored}
     if mixed_precision is not None:
         kwargs["mp_policy"] = mixed_precision
     for layer in decoder_layers(base):
@@ -74,7 +80,6 @@ def shard_dense(model: torch.nn.Module, mixed_precision: MixedPrecisionPolicy | 
         fully_shard(layer, **kwargs)
     _shard_other_dtypes(base, kwargs)
     fully_shard(base, **kwargs)
-    return model
 
 
 def _shard_other_dtypes(module: torch.nn.Module, kwargs: dict) -> None:
