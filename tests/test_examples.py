@@ -4,6 +4,8 @@
   test run already has) must really start 4 ranks through ``accelerate launch``, train 3 steps on
   the emulated 2x2 topology and leave a checkpoint that plain ``from_pretrained`` loads.
 - ``examples/trainer_finetune.py`` on 2 processes: 3 steps, checkpoint reloads.
+- ``examples/finetune.py --dense-sharding fsdp2 --gradient-checkpointing --mixed-precision bf16`` on 2
+  processes: 3 steps (the first has learning rate 0: warm-up), bf16 rows, checkpoint reloads trained.
 - A ``--model`` that cannot be loaded (no network) fails fast with a clear message.
 """
 
@@ -97,3 +99,20 @@ def test_a_model_that_cannot_be_loaded_fails_fast_and_clearly(tmp_path, model):
     proc = _run(cmd, _env(tmp_path), timeout=120)
     assert proc.returncode != 0
     assert f"cannot load --model {model!r}" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_finetune_with_fsdp2_checkpointing_and_bf16_on_2_processes(tmp_path):
+    out = tmp_path / "fsdp2"
+    cmd = [os.path.join(VENV_BIN, "accelerate"), "launch", "--config_file",
+           "examples/accelerate_configs/cpu_4proc.yaml", "--num_processes", "2",
+           "examples/finetune.py", "--max-steps", "3", "--output-dir", str(out), "--topology", "2x1",
+           "--dense-sharding", "fsdp2", "--gradient-checkpointing", "--mixed-precision", "bf16"]
+    proc = _run(cmd, _env(tmp_path))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "dense fsdp2, checkpointing True, precision bf16" in log
+    summary = json.loads((out / "hiermoe_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["dense_sharding"] == "fsdp2" and summary["mixed_precision"] == "bf16"
+    hidden = qwen3_30b_a3b_mini_config().hidden_size
+    assert summary["bytes_per_row"] == [hidden * 2]  # bf16 rows on the wire
+    _assert_trained_checkpoint(str(out))

@@ -165,3 +165,26 @@ def test_fp8_load_and_save(ranks, checkpoints, tmp_path, world, topology):
             saved.update(load_file(os.path.join(out_dir, name)))
     assert not any(k.endswith("_scale_inv") for k in saved)
     assert {t.dtype for t in saved.values()} <= {torch.bfloat16, torch.float32}
+
+
+def _rank_load_fsdp2(fp8_dir, ref_dir):
+    from torch.distributed.tensor import DTensor
+
+    cfg = hiermoe_hf.HierMoEConfig(topology="2x2", dispatch="a2a")
+    ours = hiermoe_hf.from_pretrained(fp8_dir, cfg, dtype=torch.bfloat16, dense_sharding="fsdp2")
+    plain = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.bfloat16)
+    ref = hiermoe_hf.shard_dense(hiermoe_hf.patch(plain, cfg))
+    mine = dict(ours.named_parameters())
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    sharded = sum(isinstance(p, DTensor) for p in mine.values())
+    return sharded, sorted(n for n, p in ref.named_parameters() if not torch.equal(local(p), local(mine[n])))
+
+
+def test_fp8_load_with_dense_shards(ranks, checkpoints):
+    """FP8 + dense_sharding="fsdp2": each rank dequantizes only the block rows of its dense chunks."""
+    fp8_dir, ref_dir = checkpoints
+    for sharded, differ in ranks(4).run(_rank_load_fsdp2, fp8_dir, ref_dir):
+        assert sharded > 10 and differ == [], differ[:5]

@@ -123,3 +123,210 @@ def test_fsdp2_training_equals_single_process(ranks, tmp_path, kind, world, topo
         if name in full:
             assert torch.equal(tensor, full[name]), name
     assert set(full) <= set(reloaded)
+
+
+def _fresh_accelerator():
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE=str(dist.get_world_size()))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(cpu=True)
+
+
+def _digest(model, opt) -> dict:
+    """Every parameter and optimizer-state tensor this rank holds (local shards), bit for bit."""
+    def local(t):
+        return (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
+
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = local(p)
+        for key, value in opt.state.get(p, {}).items():
+            out[f"{name}/{key}"] = local(value) if isinstance(value, torch.Tensor) else value
+    out.update({f"{n}/placement": layer.placement.phys_of_E.tolist() for n, (_, layer) in moe_layers(model).items()})
+    return out
+
+
+def _rank_plugin(kind, topology, steps, save_at=None, state_dir=None, resume=False, env=False):
+    import os
+
+    from hiermoe_hf.accelerate import HierMoEPlugin
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    acc = _fresh_accelerator()
+    acc.log = lambda *a, **k: None
+    model = build_model(CONFIGS[kind](), seed=0 if not resume else 7).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)  # made before prepare: re-pointed at the shards
+    kw = dict(topology=topology, dispatch="hd2" if "x1" in topology or topology == "2x2" else "a2a",
+              swap_interval=2, swap_policy="load", swap_pairs=2)
+    if env:
+        os.environ["HIERMOE_DENSE_SHARDING"] = "fsdp2"
+        plugin = HierMoEPlugin(**kw)
+        del os.environ["HIERMOE_DENSE_SHARDING"]
+    else:
+        plugin = HierMoEPlugin(dense_sharding="fsdp2", **kw)
+    model, opt = plugin.prepare(acc, model, opt)
+    inner = acc.unwrap_model(model)
+    assert any(isinstance(p, DTensor) for p in inner.parameters())
+    start, at_save, at_load = 0, None, None
+    if resume:
+        acc.load_state(state_dir)
+        start, at_load = save_at, _digest(inner, opt.optimizer)
+    losses, norms = [], []
+    for step in range(start, steps):
+        x = _micro(step, W, r)
+        loss = model(input_ids=x, labels=x).loss
+        acc.backward(loss)
+        norms.append(float(acc.clip_grad_norm_(model.parameters(), MAX_NORM)))
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / W)
+        if save_at is not None and not resume and step + 1 == save_at:
+            acc.save_state(state_dir)
+            at_save = _digest(inner, opt.optimizer)
+    return losses, norms, plugin.swaps_done, at_save, at_load
+
+
+@pytest.mark.parametrize("kind,world,topology,env", [("qwen3_moe", 2, "2x1", False), ("deepseek_v3", 4, "2x2", True)])
+def test_plugin_fsdp2_trains_and_resumes_exactly(ranks, tmp_path, kind, world, topology, env):
+    """HierMoEPlugin(dense_sharding="fsdp2") (or HIERMOE_DENSE_SHARDING=fsdp2) on CPU applies FSDP2 itself;
+    training equals single-process; save_state at step 3, load_state in the same ranks, continue."""
+    state_dir = str(tmp_path / "state")
+    full = ranks(world).run(_rank_plugin, kind, topology, STEPS, save_at=3, state_dir=state_dir, env=env)
+    resumed = ranks(world).run(
+        _rank_plugin, kind, topology, STEPS, save_at=3, state_dir=state_dir, resume=True, env=env
+    )
+    want_losses, want_norms, _ = _reference(kind, world)
+    for rank, ((losses, norms, swaps, at_save, _), (r_losses, r_norms, r_swaps, _, at_load)) in enumerate(
+        zip(full, resumed)
+    ):
+        assert _rel(losses, want_losses) < 1e-5 and _rel(norms, want_norms) < 1e-5, (rank, losses, want_losses)
+        assert swaps > 0, "no swap happened: the test would prove nothing"
+        assert set(at_load) == set(at_save)
+        for key, value in at_save.items():  # the state after load_state is the state saved, bit for bit
+            same = torch.equal(at_load[key], value) if isinstance(value, torch.Tensor) else at_load[key] == value
+            assert same, (rank, key)
+        assert r_losses == losses[3:] and r_norms == norms[3:] and r_swaps == swaps, rank
+
+
+def test_dense_sharding_bad_value():
+    from hiermoe_hf.accelerate import HierMoEPlugin
+
+    with pytest.raises(ValueError, match="dense_sharding='fsdp'.*ddp, fsdp2"):
+        HierMoEPlugin(dense_sharding="fsdp")
+
+
+def test_trainer_callback_fsdp2_equals_single_process(ranks, tmp_path):
+    """HierMoECallback(dense_sharding="fsdp2") under transformers.Trainer, with swaps: the oracle and the
+    job are test_trainer_callback's (every row the same sequence, so the global batch is known)."""
+    import test_trainer_callback as tc
+
+    kw = dict(dense_sharding="fsdp2", swap_interval=1, swap_policy="load", swap_pairs=2)
+    results = ranks(2).run(tc.trainer_job, str(tmp_path), kw)
+    ref, want_norm = tc.reference_model()
+    with torch.no_grad():
+        want = ref(tc._probe()).logits
+    for logits, norm, metrics, _, _ in results:
+        assert tc._rel(logits, want) < 1e-5 and abs(norm / want_norm - 1) < 1e-5
+        assert metrics["hiermoe/swaps_done"] > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final")).eval()
+    with torch.no_grad():
+        assert tc._rel(reloaded(tc._probe()).logits, want) < 1e-5
+
+
+def _rank_mixed_precision(kind):
+    """shard_dense with MixedPrecisionPolicy(bf16 params, fp32 reduce) vs the same precision by hand in one
+    process: dense weights cast to bf16, expert weights fp32 (the policy does not reach the expert slices)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from hiermoe_hf.runtime.registry import moe_layers as layers_of
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    ids = _micro(0, W, r)
+    emulated = build_model(CONFIGS[kind]()).train()
+    with torch.no_grad():
+        for name, p in emulated.named_parameters():
+            keep = kind == "deepseek_v3" and name.endswith("mlp.gate.weight")  # DeepSeek keeps its router fp32
+            if ".mlp.experts." not in name and not keep:
+                p.data = p.data.to(torch.bfloat16)
+    want = emulated(ids, labels=ids)
+    model = hiermoe_hf.patch(build_model(CONFIGS[kind]()).train(), hiermoe_hf.HierMoEConfig(topology="2x1"))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    hiermoe_hf.shard_dense(model, mixed_precision=policy)
+    dtypes = []
+    for experts, _ in layers_of(model).values():
+        experts.register_forward_hook(lambda m, a, o: dtypes.append((a[0].dtype, o.dtype)))
+    got = model(ids, labels=ids)
+    got.loss.backward()
+    rows = [s for layer in hiermoe_hf.stats(model).values() for s in layer["stages"] if s["rows_sent"]]
+    grads_fp32 = all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    return (_rel(got.logits.detach(), want.logits.detach()), sorted({str(d) for d in dtypes}),
+            sorted({s["bytes_sent"] // s["rows_sent"] for s in rows}), grads_fp32)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_shard_dense_mixed_precision(ranks, kind):
+    hidden = CONFIGS[kind]().hidden_size
+    for err, dtypes, row_bytes, grads_fp32 in ranks(2).run(_rank_mixed_precision, kind):
+        assert dtypes == [str((torch.bfloat16, torch.bfloat16))]  # bf16 rows in, bf16 out, as Transformers
+        assert row_bytes == [hidden * 2] and grads_fp32
+        assert err < 1e-2, err  # bf16 logits; measured: see docs/mixed_precision.md
+
+
+def _rank_load_sharded(folder, kind, topology):
+    """from_pretrained(dense_sharding="fsdp2") vs shard_dense(patch(plain from_pretrained)); rows read per key."""
+    from hiermoe_hf.checkpoint import load
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    reads: dict[str, list] = {}
+    original = load._ShardReader.slice
+
+    class Recording:
+        def __init__(self, key, inner):
+            self.key, self.inner = key, inner
+
+        def get_shape(self):
+            return self.inner.get_shape()
+
+        def get_dtype(self):
+            return self.inner.get_dtype()
+
+        def __getitem__(self, index):
+            out = self.inner[index]
+            reads.setdefault(self.key, []).append(out.shape[0] if out.dim() else 1)
+            return out
+
+    load._ShardReader.slice = lambda self, key: Recording(key, original(self, key))
+    try:
+        cfg = hiermoe_hf.HierMoEConfig(topology=topology, dispatch="a2a")
+        ours = hiermoe_hf.from_pretrained(folder, cfg, dense_sharding="fsdp2")
+    finally:
+        load._ShardReader.slice = original
+    ref = hiermoe_hf.shard_dense(hiermoe_hf.patch(AutoModelForCausalLM.from_pretrained(folder), cfg))
+    mine, theirs = dict(ours.named_parameters()), dict(ref.named_parameters())
+    differ = [n for n, p in theirs.items() if type(p) is not type(mine[n]) or not torch.equal(
+        p.to_local() if isinstance(p, DTensor) else p, mine[n].to_local() if isinstance(mine[n], DTensor) else mine[n])]
+    ids = _micro(0, W, r)
+    with torch.no_grad():
+        same_logits = torch.equal(ours(ids).logits, ref(ids).logits)
+    shapes = {n: tuple(p.shape) for n, p in theirs.items() if isinstance(p, DTensor)}
+    return differ, same_logits, reads, shapes
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_from_pretrained_reads_only_this_ranks_dense_shards(ranks, tmp_path, kind):
+    folder = str(tmp_path / "ckpt")
+    build_model(CONFIGS[kind]()).save_pretrained(folder)
+    world = 4
+    results = ranks(world).run(_rank_load_sharded, folder, kind, "2x2")
+    for rank, (differ, same_logits, reads, shapes) in enumerate(results):
+        assert differ == [] and same_logits and len(shapes) > 10, (rank, differ[:4])
+        for name, shape in shapes.items():  # every dense tensor: at most its ceil(rows / W) chunk was read
+            assert name in reads, (rank, name)
+            assert max(reads[name]) <= -(-shape[0] // world), (rank, name, reads[name], shape)

@@ -22,6 +22,7 @@ import functools
 import os
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.core_model_loading import WeightConverter
@@ -35,6 +36,7 @@ from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.patch import patch_experts
 from hiermoe_hf.runtime.registry import world as _world
+from hiermoe_hf.training.fsdp import fully_shard_dense
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 _UNSUPPORTED_KWARGS = (
@@ -43,7 +45,9 @@ _UNSUPPORTED_KWARGS = (
 )
 
 
-def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None = None, **hf_kwargs) -> torch.nn.Module:
+def from_pretrained(
+    name_or_path: str | os.PathLike, cfg: HierMoEConfig | None = None, dense_sharding: str = "ddp", **hf_kwargs
+) -> torch.nn.Module:
     """A patched causal LM from a local folder or Hub repo id, holding only this rank's experts.
 
     Collective over the default process group (like ``patch``). ``hf_kwargs`` are
@@ -51,10 +55,14 @@ def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None =
     ``local_files_only``, ``subfolder``, ``attn_implementation``, ``device_map`` = one device, config
     overrides, ...). The checkpoint may hold per-expert keys (``...experts.7.gate_proj.weight``, the Hub
     layout) or fused ones (``...experts.gate_up_proj`` [E, 2I, H], ``...experts.down_proj`` [E, H, I]).
+    ``dense_sharding="fsdp2"``: the result is ``shard_dense``-ed, and each rank reads only its chunk of
+    every dense tensor (FSDP2 is applied on the meta device, Transformers reads shards on read).
     """
     cfg = cfg if cfg is not None else HierMoEConfig()
     if not isinstance(cfg, HierMoEConfig):
         raise TypeError(f"cfg must be a hiermoe_hf.HierMoEConfig or None, got {type(cfg).__name__}")
+    if dense_sharding not in ("ddp", "fsdp2"):
+        raise ValueError(f"dense_sharding={dense_sharding!r} is not valid; choose one of ddp, fsdp2")
     unsupported = sorted(set(hf_kwargs) & set(_UNSUPPORTED_KWARGS))
     if unsupported:
         raise ValueError(
@@ -86,9 +94,11 @@ def from_pretrained(name_or_path: str | os.PathLike, cfg: HierMoEConfig | None =
     adapter = patches.adapter_for(config)
     layout = EPLayout.resolve(cfg.ep_size, world, rank, adapter.num_experts(config))
     base = _get_model_class(config, AutoModelForCausalLM._model_mapping)
-    loader = _local_experts_class(base, layout.rank, layout.ep_size, fp8)
+    fsdp2 = dense_sharding == "fsdp2" and world > 1
+    loader = _local_experts_class(base, layout.rank, layout.ep_size, fp8, fsdp2)
     model = loader.from_pretrained(folder, config=config, **model_kwargs)
-    model.__class__ = base  # the subclass only existed to swap the loading step
+    if not fsdp2:
+        model.__class__ = base  # the subclass only existed to swap the loading step (FSDP2: done before)
     model.config.name_or_path = os.fspath(name_or_path)  # as given (a repo id, not its cache folder)
     return patch_experts(model, cfg, experts_are_local=True)  # the loader read only this rank's experts
 
@@ -109,14 +119,17 @@ def _check_device_map(device_map) -> None:
 
 
 @functools.cache
-def _local_experts_class(base: type, ep_rank: int, ep_size: int, fp8: Fp8Format | None = None) -> type:
+def _local_experts_class(
+    base: type, ep_rank: int, ep_size: int, fp8: Fp8Format | None = None, fsdp2: bool = False
+) -> type:
     """``base`` with only its weight-loading step replaced (same name and module, so Transformers'
     source-inspecting checks behave as for ``base``); it reads the experts of group rank ``ep_rank``
-    of an expert-parallel group of ``ep_size`` ranks; ``fp8``: the checkpoint's FP8 block format."""
+    of an expert-parallel group of ``ep_size`` ranks; ``fp8``: the checkpoint's FP8 block format;
+    ``fsdp2``: shard the dense part over the world (on meta) before any weight is read."""
 
     def load(model, state_dict, checkpoint_files, load_config, expected_keys=None):
         return _load_with_local_experts(
-            base, model, state_dict, checkpoint_files, load_config, expected_keys, ep_rank, ep_size, fp8
+            base, model, state_dict, checkpoint_files, load_config, expected_keys, ep_rank, ep_size, fp8, fsdp2
         )
 
     attrs = {"__module__": base.__module__, "__qualname__": base.__qualname__}
@@ -124,7 +137,7 @@ def _local_experts_class(base: type, ep_rank: int, ep_size: int, fp8: Fp8Format 
 
 
 def _load_with_local_experts(
-    base, model, state_dict, checkpoint_files, load_config, expected_keys, rank, world, fp8=None
+    base, model, state_dict, checkpoint_files, load_config, expected_keys, rank, world, fp8=None, fsdp2=False
 ):
     files = [os.fspath(f) for f in checkpoint_files or []]
     if state_dict is not None or not files or not all(f.endswith(".safetensors") for f in files):
@@ -159,6 +172,12 @@ def _load_with_local_experts(
                 ))
         for keys in by_block.values():  # ".experts." keys outside any routed-MoE block load as usual
             weights.update({key: reader.slice(key) for key in keys})
+        if fsdp2:  # dense parameters become meta DTensors: Transformers then reads only this rank's chunk
+            model.__class__ = base  # before FSDP2 derives its wrapper class from the model's class
+            blocks = patches.find_moe_blocks(model, adapter)
+            ignored = {getattr(m.experts, p) for _, m in blocks for p in adapter.EXPERT_PARAMS}
+            device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+            fully_shard_dense(model, ignored, _world()[0], device)  # the dense part: over the whole world
         return base._load_pretrained_model(model, weights, files, load_config, expected_keys)
     finally:
         reader.close()

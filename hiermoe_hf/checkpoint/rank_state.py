@@ -4,7 +4,8 @@ Accelerate writes the model and the optimizer from rank 0 only and loads that on
 rank. With experts sharded, rank 0's copy holds rank 0's expert slices and Adam moments; loading it
 everywhere would silently give every rank rank 0's experts. So each rank writes its own file with
 its expert slices, their optimizer state, the placements (swaps change them), the routing history
-that the next swap decision reads, and the swap log. On load, hooks on the experts modules and on
+that the next swap decision reads, and the swap log; with the dense part sharded by FSDP2
+(``shard_dense``), also its dense shards and their optimizer state. On load, hooks on the experts modules and on
 the optimizer substitute these entries into whatever state dict is being loaded, so Accelerate's
 own loading code does the rest unchanged. The Trainer loads its checkpoint before any hook could
 stage anything, so ``restore_now`` applies a file to the live model and optimizer instead.
@@ -22,6 +23,7 @@ import os
 import pickle
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
@@ -46,7 +48,16 @@ class RankStateStore:
         self.runtime = runtime_of(model)
         self._pending_params: dict[str, dict[str, torch.Tensor]] | None = None
         self._pending_optimizer: dict[int, dict] | None = None
+        self._pending_dense: dict[str, torch.Tensor] | None = None
+        self._pending_dense_optimizer: dict[str, dict] | None = None
         self._handles = []
+        if self._dense_shards():
+            self._handles.append(model.register_load_state_dict_pre_hook(self._dense_pre_hook))
+
+            def shards_while_loading(*args):  # a function: torch tags state-dict hooks with an attribute
+                self._dense_state_dict_hook(*args)
+
+            self._handles.append(model.register_state_dict_post_hook(shards_while_loading))
         for experts, layer in moe_layers(model).values():
             self._handles.append(experts.register_load_state_dict_pre_hook(self._module_pre_hook(layer.name)))
         if optimizer is not None:
@@ -78,8 +89,18 @@ class RankStateStore:
             for i, (lname, pname) in self._expert_indices().items():
                 if i in state:
                     optimizer_state.setdefault(lname, {})[pname] = _to_cpu(state[i])
+        dense = self._dense_shards()
+        dense_optimizer = {}
+        if self.optimizer is not None and dense:
+            state, ids = self.optimizer.state_dict()["state"], {id(p): n for n, p in dense.items()}
+            dense_optimizer = {
+                ids[id(p)]: _to_cpu(_local(state[i])) for i, p in enumerate(_flat_params(self.optimizer))
+                if id(p) in ids and i in state
+            }
         payload = {
             "format": FORMAT,
+            "dense": {n: p.detach().to_local().cpu().clone() for n, p in dense.items()},
+            "dense_optimizer": dense_optimizer,
             "rank": rt.global_rank,  # files are per global rank: replicas hold their own routing windows
             "world_size": rt.global_world_size,
             "ep_size": rt.world_size,
@@ -141,6 +162,13 @@ class RankStateStore:
             {(lname, pname): st for lname, per in payload["optimizer"].items() for pname, st in per.items()}
             if self.optimizer is not None else None
         )
+        if set(payload.get("dense", {})) != set(self._dense_shards()):
+            raise ValueError(
+                f"{path} holds dense shards for {len(payload.get('dense', {}))} parameters but this model has "
+                f"{len(self._dense_shards())} FSDP2-sharded ones: resume with the same dense_sharding"
+            )
+        self._pending_dense = payload.get("dense") or None
+        self._pending_dense_optimizer = payload.get("dense_optimizer") if self.optimizer is not None else None
         return payload["extra"]
 
     def restore_now(self, directory: str | os.PathLike) -> dict:
@@ -167,11 +195,39 @@ class RankStateStore:
 
         return hook
 
+    def _dense_shards(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if isinstance(p, DTensor)}
+
+    def _dense_state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
+        """While a load is staged, ``state_dict()`` shows the local shards: loaders that inspect storages
+        (safetensors' ``load_model``, used by Accelerate's ``load_state``) cannot read a DTensor's."""
+        if self._pending_dense is None:
+            return
+        for key, value in state_dict.items():
+            if isinstance(value, DTensor):
+                state_dict[key] = value.to_local()
+
+    def _dense_pre_hook(self, module, state_dict, prefix, *args):
+        if self._pending_dense is None:
+            return
+        pending, self._pending_dense = self._pending_dense, None
+        for name, p in self._dense_shards().items():
+            state_dict[prefix + name] = _like(p, pending[name])
+
     def _optimizer_pre_hook(self, optimizer, state_dict):
         if self._pending_optimizer is None:
             return None
         saved, self._pending_optimizer = self._pending_optimizer, None
         state = dict(state_dict["state"])
+        dense_saved, self._pending_dense_optimizer = self._pending_dense_optimizer or {}, None
+        dense = {id(p): (n, p) for n, p in self._dense_shards().items()}
+        for i, p in enumerate(_flat_params(optimizer)):
+            if id(p) in dense:
+                name, param = dense[id(p)]
+                if name in dense_saved:
+                    state[i] = {k: _like(param, v) if _is_shard(v) else v for k, v in dense_saved[name].items()}
+                else:
+                    state.pop(i, None)
         for i, where in self._expert_indices().items():
             if where in saved:
                 state[i] = saved[where]
@@ -231,3 +287,23 @@ def _to_cpu(value):
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
+
+
+def _local(value):
+    """State with DTensors replaced by this rank's shard."""
+    if isinstance(value, DTensor):
+        return value.to_local()
+    if isinstance(value, dict):
+        return {k: _local(v) for k, v in value.items()}
+    return value
+
+
+def _is_shard(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0
+
+
+def _like(param: DTensor, local: torch.Tensor) -> DTensor:
+    """A saved local shard as a DTensor laid out like ``param`` (same mesh, placements, global shape)."""
+    return DTensor.from_local(
+        local.to(param.device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from hiermoe_hf.checkpoint.hub import resolve_checkpoint
+from hiermoe_hf.cost import memory as mem
 from hiermoe_hf.cost import model as cm
 from hiermoe_hf.cost import routing_models as rm
 from hiermoe_hf.cost.pricing import forward_exchange_times
@@ -251,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per hidden element on the wire (bf16: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON only")
+    mem.add_arguments(p)
     args = p.parse_args(argv)
     try:
         spec = load_model_spec(args.model)
@@ -258,12 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = cm.load_cost_model(args.cost_model, topology)
         routing = resolve_routing(args.routing, spec)
         result = plan(spec, topology, model, routing, args.tokens, args.dtype_bytes, args.seed)
+        if args.memory:
+            result["memory"] = mem.plan_from_args(args, topology.levels)
     except ValueError as err:
         p.exit(2, f"plan: error: {err}\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_text(result, spec, topology, model, routing, args.tokens))
+        if args.memory:
+            print("\n" + mem.format_text(result["memory"]))
     return 0
 
 

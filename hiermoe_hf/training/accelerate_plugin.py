@@ -40,6 +40,7 @@ from hiermoe_hf.topology import Topology, levels_from_launcher, parse_levels
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, expert_parameter_names, keep_experts_out_of_ddp
 from hiermoe_hf.training.expert_dp import ExpertGradSync
+from hiermoe_hf.training.fsdp import dense_sharding_from_env, is_sharded, shard_dense_repointing
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
@@ -80,8 +81,12 @@ class HierMoEPlugin:
     ep_size: int | None = field(
         default=None, metadata=_help("ranks per expert-parallel group; unset = the world (HIERMOE_EP_SIZE)")
     )
+    dense_sharding: str | None = field(
+        default=None, metadata=_help("'ddp' (dense part replicated, default) or 'fsdp2' (hiermoe_hf.shard_dense)")
+    )
 
     def __post_init__(self) -> None:
+        self.dense_sharding = dense_sharding_from_env(self.dense_sharding)
         defaults = HierMoEConfig()
         for f in fields(HierMoEConfig):
             if getattr(self, f.name) is not None:
@@ -203,11 +208,18 @@ class HierMoEPlugin:
             replaced = {id(before[n]): p for n, p in after.items() if n in before and before[n] is not p}
             for opt in optimizers:
                 _repoint(opt, replaced)
-        if world > 1:
+        fsdp2 = self.dense_sharding == "fsdp2" and world > 1
+        if fsdp2:
+            shard_dense_repointing(model, optimizers)
+        elif world > 1:
             keep_experts_out_of_ddp(model)
+        if world > 1:
             divide_expert_grads_by_world(model)
         self._expert_sync = ExpertGradSync(model)  # replicas of the expert-parallel group (ep_size < W)
-        prepared = accelerator.prepare(*objects, **prepare_kwargs)
+        if fsdp2:  # Accelerate would wrap the sharded model in DDP (it refuses DTensors): register it unwrapped
+            prepared = _prepare_without_ddp(accelerator, model, objects, prepare_kwargs)
+        else:
+            prepared = accelerator.prepare(*objects, **prepare_kwargs)
         as_tuple = prepared if isinstance(prepared, tuple) else (prepared,)
         accelerated = [o for o in as_tuple if isinstance(o, AcceleratedOptimizer)]
         self._attach(accelerator, model, accelerated[0] if accelerated else None)
@@ -218,7 +230,8 @@ class HierMoEPlugin:
         if dtype not in _SUPPORTED:
             raise ValueError(
                 f"HierMoEPlugin supports DDP-style launches ({', '.join(str(t) for t in _SUPPORTED)}), not {dtype}: "
-                "experts are already sharded by expert parallelism; drop FSDP/DeepSpeed/Megatron from the config"
+                "experts are already sharded by expert parallelism; drop FSDP/DeepSpeed/Megatron from the config "
+                "(for FSDP2 on the dense part use HierMoEPlugin(dense_sharding='fsdp2'))"
             )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         world = accelerator.num_processes
@@ -274,6 +287,8 @@ class HierMoEPlugin:
                 # Rank 0's expert slices mean nothing to other ranks: the per-rank files carry all of them.
                 for name in expert_parameter_names(wrapped):
                     state.pop(name, None)
+                for name in [k for k, v in state.items() if is_sharded(v)]:  # FSDP2 shards: per-rank files
+                    state.pop(name)
         self._store.save(output_dir, {"step": self.step, "swaps_done": self.swaps_done})
 
     def _load_state_hook(self, models, input_dir) -> None:
@@ -293,6 +308,16 @@ def _parse_env(env: str, name: str, raw: str) -> Any:
     if name in ("cost_model", "ep_size") and raw.lower() == "none":
         return None
     return raw
+
+
+def _prepare_without_ddp(accelerator, model, objects, prepare_kwargs):
+    """``accelerator.prepare(*objects)`` with the (FSDP2-sharded) model registered but not wrapped."""
+    registered = accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
+    rest = [o for o in objects if o is not model]
+    others = accelerator.prepare(*rest, **prepare_kwargs) if rest else ()
+    others = iter(others if isinstance(others, tuple) else (others,))
+    out = tuple(registered if o is model else next(others) for o in objects)
+    return out if len(out) > 1 else out[0]
 
 
 def _repoint(optimizer: torch.optim.Optimizer, replaced: dict[int, torch.nn.Parameter]) -> None:

@@ -13,6 +13,8 @@ loops) or the plugin's gradient hooks.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -63,14 +65,40 @@ def shard_dense(model: torch.nn.Module, mixed_precision: MixedPrecisionPolicy | 
             f"patched for {runtime.world_size}; use the same ranks for both"
         )
     device = next(base.parameters()).device
-    mesh = init_device_mesh(device.type, (runtime.world_size,))
-    kwargs = {"mesh": mesh, "ignored_params": set(expert_parameters(model))}
+    fully_shard_dense(base, set(expert_parameters(model)), runtime.world_size, device.type, mixed_precision)
+    return model
+
+
+def fully_shard_dense(base, ignored: set, world: int, device_type: str, mixed_precision=None) -> None:
+    """``fully_shard`` each decoder layer, then the root, over a 1-D mesh of all ranks; ``ignored``
+    (the expert slices) stay out. Works on a model still on the meta device (loading shards on read)."""
+    kwargs = {"mesh": init_device_mesh(device_type, (world,)), "ignored_params": ignored}
     if mixed_precision is not None:
         kwargs["mp_policy"] = mixed_precision
     for layer in decoder_layers(base):
+        _shard_other_dtypes(layer, kwargs)
         fully_shard(layer, **kwargs)
+    _shard_other_dtypes(base, kwargs)
     fully_shard(base, **kwargs)
-    return model
+
+
+def _shard_other_dtypes(module: torch.nn.Module, kwargs: dict) -> None:
+    """FSDP2 needs one dtype per group: submodules whose parameters differ from the module's main dtype
+    (DeepSeek-V3 keeps its router in fp32 in a bf16 model) get their own group, uncast by the policy."""
+    ignored = kwargs["ignored_params"]
+    sizes: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        if p not in ignored and not isinstance(p, DTensor):
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    if len(sizes) < 2:
+        return
+    main = max(sizes, key=sizes.get)
+    policy = kwargs.get("mp_policy")
+    own = {**kwargs, "mp_policy": MixedPrecisionPolicy(reduce_dtype=policy.reduce_dtype)} if policy else kwargs
+    for sub in module.modules():
+        direct = [p for p in sub.parameters(recurse=False) if p not in ignored and not isinstance(p, DTensor)]
+        if direct and any(p.dtype != main for p in direct):
+            fully_shard(sub, **own)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -85,3 +113,33 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def local_view(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor (the tensor itself when it is not sharded)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def dense_sharding_from_env(value: str | None) -> str:
+    """The plugin/callback field: the argument, else ``HIERMOE_DENSE_SHARDING``, else "ddp"; validated."""
+    source = "dense_sharding"
+    if value is None:
+        raw = os.environ.get("HIERMOE_DENSE_SHARDING", "").strip()
+        value, source = (raw or "ddp"), ("HIERMOE_DENSE_SHARDING" if raw else source)
+    if value not in DENSE_SHARDINGS:
+        raise ValueError(f"{source}={value!r} is not valid; choose one of {', '.join(DENSE_SHARDINGS)}")
+    return value
+
+
+def shard_dense_repointing(model: torch.nn.Module, optimizers=(), mixed_precision=None) -> None:
+    """``shard_dense``, then point optimizers made before it at the sharded dense parameters.
+
+    An optimizer that has already stepped cannot be re-pointed (its state is for the full tensors).
+    """
+    before = dict(unwrap(model).named_parameters())
+    for opt in optimizers:
+        if any(opt.state.get(p) for group in opt.param_groups for p in group["params"]):
+            raise ValueError(
+                "the optimizer has already stepped; with dense_sharding='fsdp2' create it before any step "
+                "(or after sharding) and pass it to prepare"
+            )
+    shard_dense(model, mixed_precision)
+    replaced = {id(before[n]): p for n, p in unwrap(model).named_parameters() if n in before and before[n] is not p}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["params"] = [replaced.get(id(p), p) for p in group["params"]]

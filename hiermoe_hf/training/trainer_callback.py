@@ -39,6 +39,7 @@ from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin
 from hiermoe_hf.training.ddp import divide_expert_grads_by_world, keep_experts_out_of_ddp
 from hiermoe_hf.training.expert_dp import ExpertGradSync
+from hiermoe_hf.training.fsdp import shard_dense
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
@@ -98,8 +99,14 @@ class HierMoECallback(TrainerCallback):
                 f"the model is patched with topology {runtime_of(model).topology}, not {topology} as resolved for "
                 "this launch"
             )
-        if world > 1:
+        if world > 1 and self.settings.dense_sharding == "fsdp2":
+            shard_dense(model)  # before the Trainer creates its optimizer
+            # Accelerate's own "already prepared" marker: it registers the model without a DDP wrapper
+            # (which it refuses around DTensors); FSDP2 reduces the dense grads.
+            model._is_accelerate_prepared = True
+        elif world > 1:
             keep_experts_out_of_ddp(model)
+        if world > 1:
             divide_expert_grads_by_world(model)
         self._expert_sync = ExpertGradSync(model)  # replicas of the expert-parallel group (ep_size < W)
         if self.settings.swap_interval:

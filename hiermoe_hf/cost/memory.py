@@ -1,0 +1,239 @@
+"""Memory per rank of fine-tuning a patched model: will it fit before you rent the cluster?
+
+Parameters, gradients and optimizer state are counted exactly from the model's own parameter
+shapes (the Transformers model built on the meta device from its config): the routed experts are
+split E/W per rank (expert parallelism over the whole world); the dense part is whole on every
+rank under DDP, or sharded by FSDP2 (``hiermoe_hf.shard_dense``: dim 0 of every dense parameter in
+W chunks of ceil(rows / W), as ``torch.chunk``; rank 0 holds the largest, and the figures are
+rank 0's). Gradients: one per parameter element, in the parameter dtype. AdamW: two moments per
+element in the parameter dtype plus one fp32 ``step`` per parameter tensor; SGD: none (no momentum).
+
+Activations are an estimate of the tensors autograd keeps for the backward (the activation peak at
+the end of the forward), per token of a micro-batch; with gradient checkpointing, every layer's
+input plus one layer's activations (its recompute) plus the head. ``activation_breakdown`` gives
+the terms; docs/memory.md states the measured accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+OPTIMIZERS = ("adamw", "sgd")
+DENSE_SHARDINGS = ("ddp", "fsdp2")
+
+# config.json of the two presets (the fields that shape parameters and activations).
+PRESET_CONFIGS = {
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=40960,
+    ),
+    "deepseek-v3": dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128,
+        num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+        topk_group=4, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, tie_word_embeddings=False, max_position_embeddings=163840,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ParamTable:
+    """Every parameter as (shape, kept in fp32): dense ones, and the routed experts' fused ones
+    ([E, rows, cols]). "Kept in fp32": Transformers' ``_keep_in_fp32_modules`` (DeepSeek-V3's router)."""
+
+    dense: tuple[tuple[tuple[int, ...], bool], ...]
+    experts: tuple[tuple[tuple[int, ...], bool], ...]
+    num_experts: int
+
+    @staticmethod
+    def of(config) -> ParamTable:
+        with torch.device("meta"):  # built in bf16 so that Transformers applies its fp32 exceptions
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        dense, experts = [], []
+        for name, p in model.named_parameters():
+            is_expert = ".mlp.experts." in name and p.dim() == 3
+            (experts if is_expert else dense).append((tuple(p.shape), p.dtype == torch.float32))
+        num = int(getattr(config, "num_experts", None) or config.n_routed_experts)
+        return ParamTable(tuple(dense), tuple(experts), num)
+
+
+def load_config(model: str):
+    """A Transformers config: a preset name (offline), or whatever ``AutoConfig.from_pretrained`` takes."""
+    if model in PRESET_CONFIGS:
+        spec = dict(PRESET_CONFIGS[model])
+        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    if model.endswith(".json"):
+        import json
+
+        with open(model) as f:
+            spec = json.load(f)
+        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    return AutoConfig.from_pretrained(model)
+
+
+def rank0_bytes(params, world: int, sharded: bool, dtype_bytes: int, experts: bool = False) -> int:
+    """Bytes rank 0 holds of ``params`` ((shape, fp32) pairs): whole; experts E/W of dim 0; or (FSDP2)
+    dim 0 in chunks of ceil(rows / W)."""
+    total = 0
+    for shape, fp32 in params:
+        rows = shape[0] // world if experts else (math.ceil(shape[0] / world) if sharded else shape[0])
+        total += rows * math.prod(shape[1:]) * (4 if fp32 else dtype_bytes)
+    return total
+
+
+def activation_breakdown(config, tokens: int, dtype_bytes: int, checkpointing: bool, world: int) -> dict:
+    """Bytes autograd keeps for the backward on one rank, by term (``tokens`` = micro-batch x seq len)."""
+    H, V = config.hidden_size, config.vocab_size
+    nh = config.num_attention_heads
+    kv_lora = getattr(config, "kv_lora_rank", None)
+    if kv_lora:  # DeepSeek MLA: low-rank q/kv, then per-head nope+rope queries/keys and values
+        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+        q_dim, k_dim, v_dim = nh * qk, nh * qk, nh * config.v_head_dim
+        o_dim = v_dim
+        lora = 2 * ((config.q_lora_rank or 0) + kv_lora + config.qk_rope_head_dim)
+    else:
+        hd = getattr(config, "head_dim", None) or H // nh
+        q_dim, k_dim, v_dim = nh * hd, config.num_key_value_heads * hd, config.num_key_value_heads * hd
+        o_dim, lora = nh * hd, 0
+    # Two RMSNorms (input and output kept) and the projections' input, q/k before and after norm and
+    # rope, v, the attention output twice (kernel output, o_proj input), an fp32 log-sum-exp per head.
+    attention = 5 * H + 3 * (q_dim + k_dim) + v_dim + 2 * o_dim + lora + nh * 4 // dtype_bytes
+    E = int(getattr(config, "num_experts", None) or config.n_routed_experts)
+    K, I_moe = config.num_experts_per_tok, config.moe_intermediate_size
+    # Router logits and scores; per (token, expert) row: its input, gate/up output, the activation's
+    # input, output and product, the down input, the weighted output and the combine's two sums, and
+    # about four int64 indices (dispatch and expand layouts). Balanced routing: E/W experts per rank.
+    moe = 2 * E + K * (4 * H + 5 * I_moe + 32 // dtype_bytes)
+    shared = getattr(config, "n_shared_experts", 0) or 0
+    moe += shared * (H + 4 * I_moe) if shared else 0
+    dense_mlp = H + 4 * config.intermediate_size
+    L = config.num_hidden_layers
+    moe_layers = _moe_layer_count(config)
+    per_layer = [attention + (moe if i < moe_layers else dense_mlp) for i in range(L)]
+    # The head: final norm (in, out) and the loss's fp32 log-softmax.
+    head = 2 * H + V * 4 // dtype_bytes
+    if checkpointing:
+        layers = L * H + max(per_layer)  # every layer's input, plus the layer being recomputed
+    else:
+        layers = sum(per_layer)
+    return {
+        "layers_bytes": int(tokens * layers * dtype_bytes),
+        "head_bytes": int(tokens * head * dtype_bytes),
+        "activations_bytes": int(tokens * (layers + head) * dtype_bytes),
+    }
+
+
+def _moe_layer_count(config) -> int:
+    L = config.num_hidden_layers
+    if hasattr(config, "first_k_dense_replace"):
+        return L - int(config.first_k_dense_replace or 0)
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    only = set(getattr(config, "mlp_only_layers", []) or [])
+    return sum(1 for i in range(L) if i not in only and (i + 1) % step == 0)
+
+
+def memory_plan(
+    config, world: int, dtype: str = "bf16", optimizer: str = "adamw", dense_sharding: str = "ddp",
+    gradient_checkpointing: bool = False, seq_len: int = 4096, micro_batch: int = 1,
+    gpu_memory_gib: float = 80.0, table: ParamTable | None = None,
+) -> dict:
+    """Per-rank bytes (rank 0, the largest) of fine-tuning ``config`` on ``world`` ranks."""
+    _check(dtype, DTYPE_BYTES, "dtype")
+    _check(optimizer, OPTIMIZERS, "optimizer")
+    _check(dense_sharding, DENSE_SHARDINGS, "dense_sharding")
+    table = table or ParamTable.of(config)
+    if table.num_experts % world:
+        raise ValueError(f"{table.num_experts} experts cannot be split over {world} ranks")
+    b = DTYPE_BYTES[dtype]
+    dense = rank0_bytes(table.dense, world, dense_sharding == "fsdp2", b)
+    experts = rank0_bytes(table.experts, world, False, b, experts=True)
+    params = dense + experts  # bytes; gradients and AdamW moments are in the parameters' dtype
+    tensors = len(table.dense) + len(table.experts)
+    optimizer_bytes = (2 * params + 4 * tensors) if optimizer == "adamw" else 0
+    tokens = seq_len * micro_batch
+    acts = activation_breakdown(config, tokens, b, gradient_checkpointing, world)
+    # Alive beside the saved activations at the loss: the returned logits and their fp32 gradient.
+    logits = tokens * config.vocab_size * (b + 4)
+    total = 2 * params + optimizer_bytes + acts["activations_bytes"] + logits
+    budget = int(gpu_memory_gib * 2**30)
+    return {
+        "dense_params_bytes": dense,
+        "expert_params_bytes": experts,
+        "grads_bytes": params,
+        "optimizer_bytes": optimizer_bytes,
+        "activations_bytes": acts["activations_bytes"],
+        "total_bytes": total,
+        "fits": total <= budget,
+        "budget_bytes": budget,
+        "logits_transient_bytes": logits,
+        "activation_terms": {k: v for k, v in acts.items() if k != "activations_bytes"},
+        "world_size": world,
+        "dense_sharding": dense_sharding,
+    }
+
+
+def smallest_fitting(config, per_node: int, max_nodes: int = 1024, **kwargs) -> str | None:
+    """The smallest ``NxG`` topology (G = ``per_node``, N a power of two) on which the plan fits, or None."""
+    table = ParamTable.of(config)
+    nodes = 1
+    while nodes <= max_nodes:
+        world = nodes * per_node
+        if table.num_experts % world == 0 and memory_plan(config, world, table=table, **kwargs)["fits"]:
+            return f"{nodes}x{per_node}"
+        nodes *= 2
+    return None
+
+
+def add_arguments(parser) -> None:
+    """The planner's ``--memory`` options."""
+    g = parser.add_argument_group("memory (--memory)")
+    g.add_argument("--memory", action="store_true", help="add per-rank memory of full fine-tuning")
+    g.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="parameter dtype (default bf16)")
+    g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="default adamw")
+    g.add_argument("--dense-sharding", default="ddp", choices=list(DENSE_SHARDINGS), help="default ddp")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    g.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-step (default 1)")
+    g.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+
+
+def plan_from_args(args, levels: tuple[int, ...]) -> dict:
+    """``memory_plan`` for the CLI arguments, plus the smallest fitting ``N x G`` topology."""
+    if args.seq_len < 1 or args.micro_batch < 1 or args.gpu_memory <= 0:
+        raise ValueError("--seq-len and --micro-batch must be >= 1 and --gpu-memory > 0")
+    config = load_config(args.model)
+    kwargs = dict(
+        dtype=args.dtype, optimizer=args.optimizer, dense_sharding=args.dense_sharding,
+        gradient_checkpointing=args.gradient_checkpointing, seq_len=args.seq_len, micro_batch=args.micro_batch,
+        gpu_memory_gib=args.gpu_memory,
+    )
+    out = memory_plan(config, math.prod(levels), **kwargs)
+    out["smallest_fitting_topology"] = smallest_fitting(config, levels[-1], **kwargs)
+    return out
+
+
+def format_text(plan: dict) -> str:
+    gib = 2**30
+    rows = [("dense parameters", "dense_params_bytes"), ("expert parameters", "expert_params_bytes"),
+            ("gradients", "grads_bytes"), ("optimizer state", "optimizer_bytes"),
+            ("activations (estimate)", "activations_bytes"), ("logits + their grad", "logits_transient_bytes"),
+            ("total", "total_bytes")]
+    lines = [f"memory per rank (rank 0, the largest), dense part {plan['dense_sharding']}, {plan['world_size']} ranks"]
+    lines += [f"  {label:<24}{plan[key] / gib:>10.2f} GiB" for label, key in rows]
+    verdict = "fits" if plan["fits"] else "does NOT fit"
+    lines.append(f"  {verdict} in {plan['budget_bytes'] / gib:.0f} GiB; smallest topology that fits: "
+                 f"{plan.get('smallest_fitting_topology') or 'none up to 1024 nodes'}")
+    return "\n".join(lines)
+
+
+def _check(value, valid, name: str) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(valid)}")
