@@ -30,6 +30,7 @@ from hiermoe_hf.cost import model as cm
 from hiermoe_hf.cost.pricing import ring_allreduce_bytes
 from hiermoe_hf.topology import Stage, Topology
 
+LAYOUT_SAMPLES = 1024  # sampled tokens per rank per layout (rows scaled to --tokens): keeps the planner quick
 FITS_NOTE = "fits=True for every layout: no memory model on this branch (the memory planner is another issue)"
 
 
@@ -147,6 +148,9 @@ def add_layout_args(parser) -> None:
 def layouts_result(args, spec, cluster: Topology, strategy_times: Callable) -> dict:
     """The planner's "layouts" part for its arguments. ``strategy_times``: ``planner.strategy_times``."""
     notes = [FITS_NOTE]
+    if not spec.moe_intermediate or not spec.moe_layers:
+        notes.append(f"no layouts: model {spec.name!r} does not give moe_intermediate_size and the layer count")
+        return {"layouts": [], "fastest_layout": None, "layouts_notes": notes}
     name = os.fspath(args.cost_model)
     if not os.path.exists(name) and name in cm.PRESETS:
         def cost_model_for(t: Topology) -> cm.CostModel:
@@ -164,7 +168,7 @@ def layouts_result(args, spec, cluster: Topology, strategy_times: Callable) -> d
     routing = args.resolved_routing
 
     def times(group: Topology, model: cm.CostModel):
-        return strategy_times(spec, group, model, routing, args.tokens, args.dtype_bytes, args.seed)
+        return strategy_times(spec, group, model, routing, args.tokens, args.dtype_bytes, args.seed, LAYOUT_SAMPLES)
 
     layouts = compare_layouts(spec, cluster, cost_model_for, times, args.dtype_bytes, args.micro_batches)
     return {"layouts": layouts, "fastest_layout": fastest(layouts), "layouts_notes": notes}
