@@ -279,3 +279,23 @@ def test_plugin_reads_hiermoe_ep_size(monkeypatch):
     monkeypatch.setenv("HIERMOE_EP_SIZE", "3")
     with pytest.raises(ValueError, match="neither divides nor is a multiple of this launch's 4 processes"):
         HierMoEPlugin().resolve_topology(12)
+
+
+# ---- HierMoEPlugin end to end (Accelerate, DDP, accumulation, clip, swaps) ----------------------------------
+
+
+@pytest.mark.parametrize("swapping", [False, True], ids=["no-swaps", "load-swaps"])
+def test_plugin_with_two_groups_equals_single_process(ranks, swapping):
+    from test_accelerate_plugin import SWAPPING, _assert_close, _rank_mean, reference, train_job
+
+    kw = dict(topology="1x2", dispatch="a2a", ep_size=2, **(SWAPPING if swapping else {}))
+    results = ranks(4).run(train_job, "qwen", kw, accum=2)
+    want_losses, want_norms = reference("qwen", 4, accum=2)
+    _assert_close(_rank_mean(results, 0), want_losses, "loss per step")
+    for r, res in enumerate(results):
+        _assert_close(res[1], want_norms, f"clip norm on rank {r}")
+    assert all(res[2] == results[0][2] for res in results), "placements differ between ranks"
+    metrics = results[0][3]
+    assert metrics["hiermoe/expert_grad_allreduce_bytes"] == 4 * 2 * 24576  # as in the metrics test
+    if swapping:
+        assert metrics["hiermoe/swaps_done"] > 0, "no swap happened: the test would prove nothing"
