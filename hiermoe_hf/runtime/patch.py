@@ -31,7 +31,10 @@ def _shard(experts: torch.nn.Module, names: tuple[str, ...], local_ids: torch.Te
 def patch(model: torch.nn.Module, config: HierMoEConfig | None = None) -> torch.nn.Module:
     """Shard the routed experts over the default process group and route tokens hierarchically.
 
-    Collective: every rank calls it with the same model and config. Patching twice is a no-op.
+    With ``config.ep_size`` smaller than the world, the experts are sharded over each expert-parallel
+    group of ep_size consecutive ranks and replicated across the W / ep_size groups
+    (``runtime/ep_layout.py``). Collective: every rank calls it with the same model and config.
+    Patching twice is a no-op.
     Create the optimizer afterwards (expert parameters are replaced by their local slices).
     """
     return patch_experts(model, config, experts_are_local=False)
