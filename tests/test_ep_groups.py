@@ -136,7 +136,7 @@ LAYOUTS = [(2, "1x2"), (2, "2x1"), (4, "2x2"), (1, None)]
 def run_layout(kind: str, ep_size: int, topology) -> list:
     strategies = Topology((1,) if topology is None else tuple(map(int, topology.split("x")))).strategies()
     out = []
-    for strategy in strategies if ep_size > 1 else ["auto"]:
+    for strategy in strategies + ["auto"] if ep_size > 1 else ["auto"]:  # auto: a count reduction in the group
         for swaps in (False, True):
             out.append(((strategy, swaps), train_job(kind, ep_size, topology, strategy, swaps)))
     return out

@@ -279,3 +279,41 @@ def test_plugin_reads_hiermoe_ep_size(monkeypatch):
     monkeypatch.setenv("HIERMOE_EP_SIZE", "3")
     with pytest.raises(ValueError, match="neither divides nor is a multiple of this launch's 4 processes"):
         HierMoEPlugin().resolve_topology(12)
+
+
+# ---- HierMoEPlugin end to end (Accelerate, DDP, accumulation, clip, swaps) ----------------------------------
+
+
+@pytest.mark.parametrize("swapping", [False, True], ids=["no-swaps", "load-swaps"])
+def test_plugin_with_two_groups_equals_single_process(ranks, swapping):
+    from test_accelerate_plugin import SWAPPING, _assert_close, _rank_mean, reference, train_job
+
+    kw = dict(topology="1x2", dispatch="a2a", ep_size=2, **(SWAPPING if swapping else {}))
+    results = ranks(4).run(train_job, "qwen", kw, accum=2)
+    want_losses, want_norms = reference("qwen", 4, accum=2)
+    _assert_close(_rank_mean(results, 0), want_losses, "loss per step")
+    for r, res in enumerate(results):
+        _assert_close(res[1], want_norms, f"clip norm on rank {r}")
+    assert all(res[2] == results[0][2] for res in results), "placements differ between ranks"
+    metrics = results[0][3]
+    assert metrics["hiermoe/expert_grad_allreduce_bytes"] == 4 * 2 * 24576  # as in the metrics test
+    if swapping:
+        assert metrics["hiermoe/swaps_done"] > 0, "no swap happened: the test would prove nothing"
+
+
+def test_trainer_callback_with_two_groups_equals_single_process(ranks, tmp_path):
+    """Trainer + HierMoECallback on 4 ranks as 2 groups of 2 (every rank trains on the same row, so
+    the single-process reference is the callback test's own)."""
+    from test_trainer_callback import MAX_NORM, _probe, _rel, reference_model, trainer_job
+
+    results = ranks(4).run(trainer_job, str(tmp_path), {"ep_size": 2, "swap_interval": 1, "swap_policy": "load"})
+    ref, ref_norm = reference_model()
+    with torch.no_grad():
+        want = ref(_probe()).logits
+    final = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final")).eval()
+    with torch.no_grad():
+        got_final = final(_probe()).logits
+    for logits, grad_norm, metrics, _, placements in results:
+        assert _rel(logits, want) < 1e-5 and grad_norm == pytest.approx(ref_norm, rel=1e-5) and ref_norm > MAX_NORM
+        assert placements == results[0][4] and metrics["hiermoe/swaps_done"] > 0
+    assert _rel(got_final, want) < 1e-5, "the saved model reloaded by plain Transformers differs"

@@ -22,7 +22,7 @@ def _run_json(capsys, *args):
 @pytest.mark.parametrize("model", ["qwen3-30b-a3b", "deepseek-v3"])
 def test_presets_json_shape_and_choice(capsys, model):
     out = _run_json(capsys, "--model", model, "--topology", "4x8", "--cost-model", "hiermoe-paper", "--tokens", "1024")
-    assert set(out) == {"strategies", "duplication"}
+    assert set(out) == {"strategies", "duplication", "layouts", "fastest_layout", "layouts_notes"}  # layouts: issue 11
     names = [s["name"] for s in out["strategies"]]
     assert names == ["a2a", "2dh", "hd1", "hd2"]
     topo = Topology((4, 8))

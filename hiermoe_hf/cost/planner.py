@@ -30,6 +30,7 @@ from hiermoe_hf.checkpoint.hub import resolve_checkpoint
 from hiermoe_hf.cost import memory as mem
 from hiermoe_hf.cost import model as cm
 from hiermoe_hf.cost import routing_models as rm
+from hiermoe_hf.cost.layouts import add_layout_args, format_layouts, layouts_result
 from hiermoe_hf.cost.pricing import forward_exchange_times
 from hiermoe_hf.exchange.stage_rows import stage_rows
 from hiermoe_hf.topology import Topology, parse_levels
@@ -45,11 +46,18 @@ class ModelSpec:
     hidden: int
     n_group: int = 1
     topk_group: int = 1
+    moe_intermediate: int = 0  # one expert's intermediate size (3 * hidden * this parameters); 0 = unknown
+    moe_layers: int = 0  # routed-MoE layers; 0 = unknown (layouts need both: cost/layouts.py)
 
 
 MODEL_PRESETS = {
-    "qwen3-30b-a3b": ModelSpec("Qwen/Qwen3-30B-A3B", experts=128, topk=8, hidden=2048),
-    "deepseek-v3": ModelSpec("deepseek-ai/DeepSeek-V3", experts=256, topk=8, hidden=7168, n_group=8, topk_group=4),
+    "qwen3-30b-a3b": ModelSpec(
+        "Qwen/Qwen3-30B-A3B", experts=128, topk=8, hidden=2048, moe_intermediate=768, moe_layers=48
+    ),
+    "deepseek-v3": ModelSpec(  # 61 layers, the first 3 dense
+        "deepseek-ai/DeepSeek-V3", experts=256, topk=8, hidden=7168, n_group=8, topk_group=4,
+        moe_intermediate=2048, moe_layers=58,
+    ),
 }
 DUP_GROUPS = (4, 8, 16, 32)
 DUP_TOPK = (2, 4, 6, 8)
@@ -67,7 +75,20 @@ def spec_from_config(cfg: dict, name: str) -> ModelSpec:
         )
     n_group = int(cfg.get("n_group") or 1)
     topk_group = int(cfg.get("topk_group") or n_group)
-    return ModelSpec(name, int(experts), int(topk), int(hidden), n_group, topk_group)
+    inter = cfg.get("moe_intermediate_size") or (cfg.get("intermediate_size") if cfg.get("num_local_experts") else 0)
+    return ModelSpec(
+        name, int(experts), int(topk), int(hidden), n_group, topk_group, int(inter or 0), _moe_layers(cfg)
+    )
+
+
+def _moe_layers(cfg: dict) -> int:
+    """Routed-MoE layers of a config: DeepSeek's first_k_dense_replace, Qwen3's mlp_only_layers and
+    decoder_sparse_step (as Transformers builds them); 0 when the layer count is missing."""
+    layers = int(cfg.get("num_hidden_layers") or 0)
+    if "first_k_dense_replace" in cfg:
+        return max(0, layers - int(cfg["first_k_dense_replace"] or 0))
+    step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
+    return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
 
 
 def _read_json(path: str) -> dict:
@@ -177,13 +198,10 @@ def plan(
         raise ValueError(f"{spec.experts} experts cannot be split evenly over {W} ranks (topology {topology})")
     if tokens < 1:
         raise ValueError(f"tokens per rank must be >= 1, got {tokens}")
-    n = min(tokens, max_samples)
-    dests = sample_dests(spec, topology, routing, n, seed)
     row_bytes = spec.hidden * dtype_bytes
     strategies = []
-    for name in topology.strategies():
-        counts = [c.double() * (tokens / n) for c in stage_rows(dests, topology, name)]
-        times = forward_exchange_times(counts, topology, name, row_bytes, cost_model)
+    for name, counts, times in strategy_times(spec, topology, cost_model, routing, tokens, dtype_bytes, seed,
+                                               max_samples):
         if routing == "uniform":
             rpt = rm.expected_rows_per_token_uniform(topology, name, spec.experts, spec.topk)
         else:
@@ -198,6 +216,22 @@ def plan(
         s["speedup_vs_a2a"] = base / s["predicted_ms"] if s["predicted_ms"] > 0 else float("inf")
     strategies = [{k: s[k] for k in ("name", "predicted_ms", "speedup_vs_a2a", "stages")} for s in strategies]
     return {"strategies": strategies, "duplication": duplication_table(spec, routing, seed=seed)}
+
+
+def strategy_times(
+    spec: ModelSpec, topology: Topology, cost_model: cm.CostModel, routing: str, tokens: int, dtype_bytes: int,
+    seed: int, max_samples: int = 4096,
+) -> list[tuple[str, list[torch.Tensor], list[float]]]:
+    """Per strategy: (name, per-stage counts scaled to ``tokens`` per rank, seconds per stage of one
+    layer's forward exchange), from routing sampled on every rank of ``topology`` (seeded)."""
+    n = min(tokens, max_samples)
+    dests = sample_dests(spec, topology, routing, n, seed)
+    out = []
+    for name in topology.strategies():
+        counts = [c.double() * (tokens / n) for c in stage_rows(dests, topology, name)]
+        times = forward_exchange_times(counts, topology, name, spec.hidden * dtype_bytes, cost_model)
+        out.append((name, counts, times))
+    return out
 
 
 def chosen(result: dict) -> str:
@@ -253,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON only")
     mem.add_arguments(p)
+    add_layout_args(p)
     args = p.parse_args(argv)
     try:
         spec = load_model_spec(args.model)
@@ -262,14 +297,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = plan(spec, topology, model, routing, args.tokens, args.dtype_bytes, args.seed)
         if args.memory:
             result["memory"] = mem.plan_from_args(args, topology.levels)
+        args.resolved_routing = routing
+        layouts = layouts_result(args, spec, topology, strategy_times) if topology.depth == 2 else None
     except ValueError as err:
         p.exit(2, f"plan: error: {err}\n")
+    if layouts is not None:  # issue 11: every ep_size x strategy on this cluster
+        result.update(layouts)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_text(result, spec, topology, model, routing, args.tokens))
         if args.memory:
             print("\n" + mem.format_text(result["memory"]))
+        if layouts is not None:
+            print("\n" + format_layouts(layouts["layouts"], args.micro_batches))
     return 0
 
 

@@ -13,7 +13,11 @@ LAYER_ATTR = "_hiermoe_layer"  # on each patched experts module: its LayerState
 
 
 def world() -> tuple[int, int]:
-    """(world size, rank) of the default process group; (1, 0) when none is initialised."""
+    """(world size, rank) of the default process group: *global* ranks; (1, 0) when none is initialised.
+
+    With ``HierMoEConfig.ep_size`` smaller than the world these are not a patched model's expert-parallel
+    rank and size: those are ``Runtime.rank`` / ``Runtime.world_size`` (``runtime/ep_layout.py``).
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
