@@ -14,6 +14,8 @@ import torch
 from hiermoe_hf.cost import model as cm
 from hiermoe_hf.cost.auto import pick_strategy
 from hiermoe_hf.cost.planner import MODEL_PRESETS, plan
+from hiermoe_hf.cost.pricing import FORWARD_EXCHANGES as CROSS
+from hiermoe_hf.cost.pricing import FORWARD_LATENCIES as LAT
 from hiermoe_hf.cost.pricing import forward_exchange_times
 from hiermoe_hf.topology import Topology
 
@@ -31,9 +33,9 @@ def test_flat_stage_inside_one_node_costs_the_paper_intra_constants():
     model = cm.load_cost_model("hiermoe-paper", T18)
     (flat,) = T18.stages("a2a")
     assert model.stage_cost(flat) == model.stages["intra-node"]
-    # forward exchange: 4 latencies + rows twice; 8 members x 10 rows x 4096 B; Intra-level-1 constants
+    # forward exchange: LAT latencies + rows CROSS times; 8 members x 10 rows x 4096 B; Intra-level-1 constants
     t = forward_exchange_times([_counts(8, 10, 5)], T18, "a2a", 4096, model)
-    assert t == [pytest.approx(4 * 0.571e-3 + 2 * 8 * 10 * 4096 * 1.27e-10, rel=1e-12)]  # 2.36723 ms
+    assert t == [pytest.approx(LAT * 0.571e-3 + CROSS * 8 * 10 * 4096 * 1.27e-10, rel=1e-12)]
 
 
 def test_flat_stage_spanning_nodes_keeps_its_own_constants():
@@ -41,7 +43,7 @@ def test_flat_stage_spanning_nodes_keeps_its_own_constants():
     (flat,) = T28.stages("a2a")
     assert model.stage_cost(flat) == model.stages["flat"]  # the paper's "standard" fit across nodes
     t = forward_exchange_times([_counts(16, 10, 5)], T28, "a2a", 4096, model)
-    assert t == [pytest.approx(4 * 0.722e-3 + 2 * 16 * 10 * 4096 * 5.70e-10, rel=1e-12)]
+    assert t == [pytest.approx(LAT * 0.722e-3 + CROSS * 16 * 10 * 4096 * 5.70e-10, rel=1e-12)]
 
 
 def test_link_defaults_on_one_node_use_the_in_node_latency():
@@ -50,7 +52,7 @@ def test_link_defaults_on_one_node_use_the_in_node_latency():
     (flat,) = T18.stages("a2a")
     assert model.stage_cost(flat).alpha == pytest.approx(10e-6)
     t = forward_exchange_times([_counts(8, 10, 5)], T18, "a2a", 4096, model)
-    assert t == [pytest.approx(4 * 10e-6 + 2 * 8 * 10 * 4096 * 7 / (8 * 100e9), rel=1e-12)]
+    assert t == [pytest.approx(LAT * 10e-6 + CROSS * 8 * 10 * 4096 * 7 / (8 * 100e9), rel=1e-12)]
 
 
 def test_levels_of_size_one_are_trimmed_inside_a_deeper_topology():

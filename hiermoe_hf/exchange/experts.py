@@ -25,6 +25,9 @@ def _apply_gate(experts: torch.nn.Module, h_QI2: torch.Tensor) -> torch.Tensor:
     return experts.act_fn(g) * u
 
 
+_GROUPED_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+
+
 def _grouped_mm_fn():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -33,6 +36,8 @@ def can_group(experts: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether ``grouped_mm`` can run the local slots of ``experts`` on rows like ``x``."""
     impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
     if impl == "eager" or _grouped_mm_fn() is None or getattr(experts, "has_bias", False):
+        return False
+    if not {x.dtype, experts.gate_up_proj.dtype} <= _GROUPED_DTYPES:  # no float64 kernel: the loop runs
         return False
     w = experts.gate_up_proj
     if w.device.type == "cuda":
