@@ -168,3 +168,23 @@ def install_synced_generate(model: torch.nn.Module) -> None:
 def remove_synced_generate(model: torch.nn.Module) -> None:
     if model.__dict__.pop(_GENERATE_ATTR, None) is not None:
         model.__dict__.pop("generate", None)
+
+
+def check_optimizer_holds_experts(model: torch.nn.Module, optimizer) -> None:
+    """ValueError when ``optimizer`` (a plain torch optimizer) lacks a trainable expert slice of the
+    patched ``model``: it was built before ``patch`` (or before an ``unpatch`` / ``patch`` cycle, which
+    replaces the expert parameters) and would silently leave those experts untouched."""
+    from hiermoe_hf.runtime.registry import moe_layers
+
+    if optimizer is None:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for experts, layer in moe_layers(model).values():
+        for name in layer.param_names:
+            p = getattr(experts, name)
+            if p.requires_grad and id(p) not in held:
+                raise ValueError(
+                    f"the optimizer does not hold {layer.name}.experts.{name}, this model's trainable expert slice: it "
+                    "was built before patch (or before unpatch, which replaces the expert parameters). Build the "
+                    "optimizer after hiermoe_hf.patch, or pass it to HierMoEPlugin.prepare, which re-points it"
+                )
