@@ -13,7 +13,7 @@ from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
-from hiermoe_hf.runtime import guards, registry
+from hiermoe_hf.runtime import generate, guards, registry
 from hiermoe_hf.runtime.forward import experts_forward
 from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, world
 from hiermoe_hf.runtime.state import LayerState, Runtime
@@ -87,7 +87,7 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
         # Section 6 under any wrapper built later: DDP leaves the slices alone, their grads get 1/W.
         ddp.keep_experts_out_of_ddp(model)
         ddp.divide_expert_grads_by_world(model)
-        guards.install_synced_generate(model)
+        generate.install_synced_generate(model)
     return outer
 
 
@@ -108,7 +108,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     rt = runtime_of(model)
     outer, model = model, registry.unwrap(model)
     ddp.release(model)
-    guards.remove_synced_generate(model)
+    generate.remove_synced_generate(model)
     for _, (experts, layer) in moe_layers(model).items():
         if rt.world_size > 1:
             for name in layer.param_names:
