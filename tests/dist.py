@@ -55,6 +55,8 @@ class RankPool:
             self._procs.append(p)
 
     def run(self, fn, *args, timeout: float = 300, **kwargs) -> list:
+        if not self._conns:  # closed after an earlier timeout: never hand back an empty result list
+            raise RuntimeError(f"the rank pool was closed after an earlier failure; {fn.__name__} did not run")
         for c in self._conns:
             c.send((fn, args, kwargs))
         results, errors = [], []

@@ -104,3 +104,26 @@ def test_cli_json_has_layouts(capsys):
     assert out["fastest_layout"] == out["layouts"][0] and "memory" in out["layouts_notes"][0]
     P.main(["--model", "qwen3-30b-a3b", "--topology", "2x8", "--cost-model", "hiermoe-paper", "--tokens", "256"])
     assert "fastest layout: ep_size=" in capsys.readouterr().out
+
+
+def test_memory_decides_which_layouts_fit(capsys):
+    """With --memory a layout fits iff its per-rank memory (experts E/ep_size per rank) fits the GPU;
+    the fastest layout is the cheapest that fits. The budget is set between two layouts' totals."""
+    import json
+
+    from hiermoe_hf.cost import memory as mem
+    from hiermoe_hf.cost import planner
+
+    config = mem.load_config("qwen3-30b-a3b")
+    total = {ep: mem.memory_plan(config, 16, ep_size=ep, seq_len=1024)["total_bytes"] for ep in (1, 2, 4, 8, 16)}
+    assert mem.memory_plan(config, 16, ep_size=8)["expert_params_bytes"] == 2 * mem.memory_plan(
+        config, 16, ep_size=16)["expert_params_bytes"]  # half the group, twice the experts per rank
+    budget_gib = (total[8] + total[16]) / 2 / 2**30  # ep_size 16 fits, 8 (more experts per rank) does not
+    assert planner.main(["--model", "qwen3-30b-a3b", "--topology", "2x8", "--cost-model", "hiermoe-paper",
+                         "--memory", "--seq-len", "1024", "--gpu-memory", str(budget_gib), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {r["ep_size"] for r in out["layouts"]} == {1, 2, 4, 8, 16}
+    for r in out["layouts"]:
+        assert r["fits"] == (total[r["ep_size"]] <= budget_gib * 2**30), r
+    assert out["fastest_layout"] == min((r for r in out["layouts"] if r["fits"]), key=lambda r: r["total_ms"])
+    assert out["fastest_layout"]["ep_size"] == 16

@@ -140,6 +140,31 @@ def test_fsdp1_wrapped_after_patch_is_refused_at_the_first_forward(ranks, use_or
     assert len(msgs) == 2 and all(m and "FullyShardedDataParallel (FSDP1)" in m for m in msgs), msgs
 
 
+def stale_optimizer_job():
+    import torch.distributed as dist
+
+    from hiermoe_hf.checkpoint.rank_state import RankStateStore
+
+    cfg = hiermoe_hf.HierMoEConfig(topology=[1, dist.get_world_size()], dispatch="a2a")
+    model = hiermoe_hf.patch(build_model(tiny_qwen3_moe_config()), cfg)
+    stale = torch.optim.AdamW(model.parameters())
+    hiermoe_hf.unpatch(model)  # replaces the expert parameters: the optimizer still holds the old slices
+    hiermoe_hf.patch(model, cfg)
+    msgs = []
+    for call in (lambda: hiermoe_hf.swap_experts(model, stale), lambda: RankStateStore(model, stale)):
+        try:
+            call()
+        except ValueError as err:
+            msgs.append(str(err))
+    hiermoe_hf.swap_experts(model, torch.optim.AdamW(model.parameters()))  # a fresh optimizer is fine
+    return msgs
+
+
+def test_an_optimizer_from_before_unpatch_is_detected(ranks):
+    for msgs in ranks(2).run(stale_optimizer_job):
+        assert len(msgs) == 2 and all("does not hold" in m and "before unpatch" in m for m in msgs), msgs
+
+
 def test_patch_again_with_another_config_raises_same_config_is_a_noop():
     model = build_model(tiny_qwen3_moe_config())
     cfg = hiermoe_hf.HierMoEConfig(dispatch="a2a")

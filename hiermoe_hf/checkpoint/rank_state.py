@@ -25,6 +25,7 @@ import pickle
 import torch
 from torch.distributed.tensor import DTensor
 
+from hiermoe_hf.runtime.guards import check_optimizer_holds_experts
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
 FORMAT = 2
@@ -43,6 +44,7 @@ class RankStateStore:
     """Saves and restores one rank's expert-parallel state for a patched model and its optimizer."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        check_optimizer_holds_experts(model, optimizer)
         self.model = model
         self.optimizer = optimizer
         self.runtime = runtime_of(model)

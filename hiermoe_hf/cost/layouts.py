@@ -18,7 +18,8 @@ strategy. Per optimizer step it pays:
   ``t = 2 (R-1) alpha + min(ep_size, G) * X * N beta / (G (N-1))``. All replicas in one node (N = 1):
   each rank's own link, from the in-node stage: ``t = 2 (R-1) alpha + X G beta / (G-1)``.
 
-Memory is not modelled here (the memory planner is another issue): every layout has ``fits=True``.
+``fits``: with ``--memory``, whether the layout's per-rank memory (``cost/memory.py``, experts
+E/ep_size per rank) fits the GPU; without it, True for every layout (the output says so).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from hiermoe_hf.cost import memory as mem
 from hiermoe_hf.cost import model as cm
 from hiermoe_hf.cost.pricing import ring_allreduce_bytes
 from hiermoe_hf.topology import Stage, Topology
 
 LAYOUT_SAMPLES = 1024  # sampled tokens per rank per layout (rows scaled to --tokens): keeps the planner quick
-FITS_NOTE = "fits=True for every layout: no memory model on this branch (the memory planner is another issue)"
+FITS_NOTE = "fits=True for every layout: memory not checked (add --memory to check each layout's per-rank memory)"
 
 
 def group_levels(cluster: Topology, ep_size: int) -> tuple[int, int] | None:
@@ -76,6 +78,7 @@ def compare_layouts(
     strategy_times: Callable,
     dtype_bytes: int = 2,
     micro_batches: int = 1,
+    fits: Callable[[int], bool] = lambda ep: True,
 ) -> list[dict]:
     """Every (ep_size, strategy) that fits the cluster, cheapest step first.
 
@@ -83,7 +86,7 @@ def compare_layouts(
     shape, the layout is left out); strategy_times: group
     topology, its cost model -> [(strategy, counts, seconds per stage of one layer's forward exchange)]
     (``planner.strategy_times`` with the routing bound). Each entry: ep_size, strategy, group
-    topology, exchange_ms, expert_grad_allreduce_ms, total_ms per optimizer step, fits.
+    topology, exchange_ms, expert_grad_allreduce_ms, total_ms per optimizer step, fits (``fits(ep_size)``).
     """
     if cluster.depth != 2:
         raise ValueError(f"layouts are compared on N x G clusters (two levels); topology {cluster} has {cluster.depth}")
@@ -99,6 +102,7 @@ def compare_layouts(
         group_model = cost_model_for(group)
         if group_model is None and ep > 1:
             continue  # no constants for this group shape (a calibration of another topology)
+        ok = fits(ep)
         allreduce_ms = 1e3 * allreduce_seconds(cluster, cluster_model, ep, expert_grad_bytes(spec, ep, dtype_bytes))
         per_step = 2 * spec.moe_layers * micro_batches  # forward + backward exchange, every MoE layer
         if ep == 1:
@@ -109,7 +113,7 @@ def compare_layouts(
             exchange_ms = 1e3 * layer_s * per_step
             out.append({
                 "ep_size": ep, "strategy": name, "group_topology": str(group), "exchange_ms": exchange_ms,
-                "expert_grad_allreduce_ms": allreduce_ms, "total_ms": exchange_ms + allreduce_ms, "fits": True,
+                "expert_grad_allreduce_ms": allreduce_ms, "total_ms": exchange_ms + allreduce_ms, "fits": ok,
             })
     return sorted(out, key=lambda r: (r["total_ms"], r["ep_size"]))
 
@@ -119,7 +123,7 @@ def fastest(layouts: list[dict]) -> dict | None:
     return next((r for r in layouts if r["fits"]), None)
 
 
-def format_layouts(layouts: list[dict], micro_batches: int) -> str:
+def format_layouts(layouts: list[dict], micro_batches: int, notes: list[str] = (FITS_NOTE,)) -> str:
     lines = [
         f"layouts per optimizer step ({micro_batches} micro-batch(es); forward + backward exchange of every MoE "
         "layer, expert-gradient ring all-reduce over the replicas)",
@@ -134,7 +138,9 @@ def format_layouts(layouts: list[dict], micro_batches: int) -> str:
     if best is not None:
         lines.append(f"fastest layout: ep_size={best['ep_size']} ({best['group_topology']} per group) with "
                      f"{best['strategy']}: {best['total_ms']:.1f} ms per step")
-    lines.append(FITS_NOTE)
+    else:
+        lines.append("no layout fits the GPU memory")
+    lines += list(notes)
     return "\n".join(lines)
 
 
@@ -146,8 +152,10 @@ def add_layout_args(parser) -> None:
 
 
 def layouts_result(args, spec, cluster: Topology, strategy_times: Callable) -> dict:
-    """The planner's "layouts" part for its arguments. ``strategy_times``: ``planner.strategy_times``."""
-    notes = [FITS_NOTE]
+    """The planner's "layouts" part for its arguments. ``strategy_times``: ``planner.strategy_times``.
+    With ``--memory`` each layout's ``fits`` is the memory planner's verdict for its ep_size."""
+    memory = getattr(args, "memory", False)
+    notes = [] if memory else [FITS_NOTE]
     if not spec.moe_intermediate or not spec.moe_layers:
         notes.append(f"no layouts: model {spec.name!r} does not give moe_intermediate_size and the layer count")
         return {"layouts": [], "fastest_layout": None, "layouts_notes": notes}
@@ -170,5 +178,6 @@ def layouts_result(args, spec, cluster: Topology, strategy_times: Callable) -> d
     def times(group: Topology, model: cm.CostModel):
         return strategy_times(spec, group, model, routing, args.tokens, args.dtype_bytes, args.seed, LAYOUT_SAMPLES)
 
-    layouts = compare_layouts(spec, cluster, cost_model_for, times, args.dtype_bytes, args.micro_batches)
+    fits = mem.fits_from_args(args, cluster.world_size) if memory else (lambda ep: True)
+    layouts = compare_layouts(spec, cluster, cost_model_for, times, args.dtype_bytes, args.micro_batches, fits)
     return {"layouts": layouts, "fastest_layout": fastest(layouts), "layouts_notes": notes}

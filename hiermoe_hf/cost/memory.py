@@ -143,18 +143,21 @@ def _moe_layer_count(config) -> int:
 def memory_plan(
     config, world: int, dtype: str = "bf16", optimizer: str = "adamw", dense_sharding: str = "ddp",
     gradient_checkpointing: bool = False, seq_len: int = 4096, micro_batch: int = 1,
-    gpu_memory_gib: float = 80.0, table: ParamTable | None = None,
+    gpu_memory_gib: float = 80.0, table: ParamTable | None = None, ep_size: int | None = None,
 ) -> dict:
-    """Per-rank bytes (rank 0, the largest) of fine-tuning ``config`` on ``world`` ranks."""
+    """Per-rank bytes (rank 0, the largest) of fine-tuning ``config`` on ``world`` ranks; the routed
+    experts split E/ep_size per rank (``HierMoEConfig.ep_size``; None = the world)."""
     _check(dtype, DTYPE_BYTES, "dtype")
     _check(optimizer, OPTIMIZERS, "optimizer")
     _check(dense_sharding, DENSE_SHARDINGS, "dense_sharding")
     table = table or ParamTable.of(config)
-    if table.num_experts % world:
-        raise ValueError(f"{table.num_experts} experts cannot be split over {world} ranks")
+    ep = world if ep_size is None else ep_size
+    if world % ep or table.num_experts % ep:
+        raise ValueError(f"{table.num_experts} experts cannot be split over expert-parallel groups of {ep} "
+                         f"ranks on {world} ranks")
     b = DTYPE_BYTES[dtype]
     dense = rank0_bytes(table.dense, world, dense_sharding == "fsdp2", b)
-    experts = rank0_bytes(table.experts, world, False, b, experts=True)
+    experts = rank0_bytes(table.experts, ep, False, b, experts=True)
     params = dense + experts  # bytes; gradients and AdamW moments are in the parameters' dtype
     tensors = len(table.dense) + len(table.experts)
     optimizer_bytes = (2 * params + 4 * tensors) if optimizer == "adamw" else 0
@@ -176,6 +179,7 @@ def memory_plan(
         "logits_transient_bytes": logits,
         "activation_terms": {k: v for k, v in acts.items() if k != "activations_bytes"},
         "world_size": world,
+        "ep_size": ep,
         "dense_sharding": dense_sharding,
     }
 
@@ -205,16 +209,26 @@ def add_arguments(parser) -> None:
     g.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
 
 
-def plan_from_args(args, levels: tuple[int, ...]) -> dict:
-    """``memory_plan`` for the CLI arguments, plus the smallest fitting ``N x G`` topology."""
+def _kwargs(args) -> dict:
     if args.seq_len < 1 or args.micro_batch < 1 or args.gpu_memory <= 0:
         raise ValueError("--seq-len and --micro-batch must be >= 1 and --gpu-memory > 0")
-    config = load_config(args.model)
-    kwargs = dict(
+    return dict(
         dtype=args.dtype, optimizer=args.optimizer, dense_sharding=args.dense_sharding,
         gradient_checkpointing=args.gradient_checkpointing, seq_len=args.seq_len, micro_batch=args.micro_batch,
         gpu_memory_gib=args.gpu_memory,
     )
+
+
+def fits_from_args(args, world: int):
+    """ep_size -> whether a layout with expert-parallel groups of that size fits (the planner's layouts)."""
+    config, kwargs = load_config(args.model), _kwargs(args)
+    table = ParamTable.of(config)
+    return lambda ep: memory_plan(config, world, table=table, ep_size=ep, **kwargs)["fits"]
+
+
+def plan_from_args(args, levels: tuple[int, ...]) -> dict:
+    """``memory_plan`` for the CLI arguments, plus the smallest fitting ``N x G`` topology."""
+    config, kwargs = load_config(args.model), _kwargs(args)
     out = memory_plan(config, math.prod(levels), **kwargs)
     out["smallest_fitting_topology"] = smallest_fitting(config, levels[-1], **kwargs)
     return out

@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.memory:
             print("\n" + mem.format_text(result["memory"]))
         if layouts is not None:
-            print("\n" + format_layouts(layouts["layouts"], args.micro_batches))
+            print("\n" + format_layouts(layouts["layouts"], args.micro_batches, layouts["layouts_notes"]))
     return 0
 
 

@@ -1,17 +1,17 @@
 """Refusals and safety nets around ``patch``: what a patched model must not be wrapped in, which
-module of a wrapper stack gets patched, a range check on routed expert ids, and ``generate`` kept in
-step across ranks. Each check names the problem and the way out (DESIGN.md section 6)."""
+module of a wrapper stack gets patched, what the patched forward checks (adapted or re-wrapped expert
+slices, expert ids in range, a Trainer without the callback) and an optimizer that lost the expert
+slices. Each check names the problem and the way out (DESIGN.md section 6)."""
 
 from __future__ import annotations
 
 import sys
-import types
+import weakref
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch.distributed.tensor import DTensor
 
-_GENERATE_ATTR = "_hiermoe_generate"
 _TRAINER_CHECKED: set[int] = set()  # id(Runtime) of models already checked for a Trainer without the callback
 
 
@@ -79,6 +79,7 @@ def check_forward(experts, layer, topk_ids_TK: torch.Tensor) -> None:
     check_expert_ids(topk_ids_TK, layer.placement.num_experts)
     if torch.is_grad_enabled() and id(layer.runtime) not in _TRAINER_CHECKED:
         _TRAINER_CHECKED.add(id(layer.runtime))
+        weakref.finalize(layer.runtime, _TRAINER_CHECKED.discard, id(layer.runtime))  # ids are reused
         refuse_trainer_without_callback()
 
 
@@ -144,27 +145,21 @@ def check_expert_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> None:
     )
 
 
-def install_synced_generate(model: torch.nn.Module) -> None:
-    """``model.generate`` (this instance) defaults to ``synced_gpus=True``: a rank that has finished
-    keeps running forwards until every rank has, as the expert exchange needs all ranks."""
-    if _GENERATE_ATTR in model.__dict__ or not hasattr(model, "generate"):
+def check_optimizer_holds_experts(model: torch.nn.Module, optimizer) -> None:
+    """ValueError when ``optimizer`` (a plain torch optimizer) lacks a trainable expert slice of the
+    patched ``model``: it was built before ``patch`` (or before an ``unpatch`` / ``patch`` cycle, which
+    replaces the expert parameters) and would silently leave those experts untouched."""
+    from hiermoe_hf.runtime.registry import moe_layers
+
+    if optimizer is None:
         return
-    original = model.generate
-
-    def generate(self, *args, **kwargs):
-        if len(args) <= 5:  # synced_gpus is generate's 6th parameter
-            if kwargs.get("synced_gpus") is False:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for experts, layer in moe_layers(model).values():
+        for name in layer.param_names:
+            p = getattr(experts, name)
+            if p.requires_grad and id(p) not in held:
                 raise ValueError(
-                    "generate(synced_gpus=False) on an expert-parallel model hangs as soon as one rank stops "
-                    "before the others (every forward is collective); leave synced_gpus unset (True)"
+                    f"the optimizer does not hold {layer.name}.experts.{name}, this model's trainable expert slice: it "
+                    "was built before patch (or before unpatch, which replaces the expert parameters). Build the "
+                    "optimizer after hiermoe_hf.patch, or pass it to HierMoEPlugin.prepare, which re-points it"
                 )
-            kwargs["synced_gpus"] = True
-        return original(*args, **kwargs)
-
-    model.generate = types.MethodType(generate, model)
-    model.__dict__[_GENERATE_ATTR] = original
-
-
-def remove_synced_generate(model: torch.nn.Module) -> None:
-    if model.__dict__.pop(_GENERATE_ATTR, None) is not None:
-        model.__dict__.pop("generate", None)

@@ -14,7 +14,7 @@ from hiermoe_hf.cost.calibration import calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
-from hiermoe_hf.runtime import guards, registry
+from hiermoe_hf.runtime import generate, guards, registry
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.forward import experts_forward, run_layer
 from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, world
@@ -93,7 +93,7 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
         ddp.keep_experts_out_of_ddp(model)
         ddp.divide_expert_grads_by_world(model)
     if world_size > 1:  # the forward has collectives: every rank must keep calling it in generate
-        guards.install_synced_generate(model)
+        generate.install_synced_generate(model)
     return outer
 
 
@@ -165,7 +165,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     rt = runtime_of(model)
     outer, model = model, registry.unwrap(model)
     ddp.release(model)
-    guards.remove_synced_generate(model)
+    generate.remove_synced_generate(model)
     for _, block in patches.find_moe_blocks(model, patches.ADAPTERS[rt.model_type]):
         block.__dict__.pop("forward", None)  # the side-work forward, if patch installed one
     for _, (experts, layer) in moe_layers(model).items():

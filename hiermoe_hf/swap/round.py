@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from hiermoe_hf.runtime.guards import check_optimizer_holds_experts
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of, unwrap
 from hiermoe_hf.swap.executor import execute_swaps, expert_bytes, unwrap_optimizer
 from hiermoe_hf.swap.objective import DEFAULT_FLOPS, PlannerCosts, RoutingWindow, move_cost_s, strategy_for
@@ -58,6 +59,7 @@ def swap_experts(model: torch.nn.Module, optimizer=None) -> list[dict]:
     """
     model = unwrap(model)
     opt = unwrap_optimizer(optimizer)
+    check_optimizer_holds_experts(model, opt)
     rt = runtime_of(model)
     layers = moe_layers(model)
     names = list(layers)
