@@ -19,6 +19,7 @@ the link rate (the floor). Rank 0 writes OUT.md and OUT.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -79,13 +80,14 @@ def _hf_block(block, impl: str, W: int, rank: int):
     full = block.experts
     E = full.gate_up_proj.shape[0]
     e = E // W
-    local = type(full)(full.config.__class__(**{**full.config.to_dict(), "num_experts": e}))
+    local = copy.deepcopy(full)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(local, name, torch.nn.Parameter(getattr(full, name)[rank * e : (rank + 1) * e].clone()))
+    local.num_experts = e
     local.config._experts_implementation = "grouped_mm"
     if hasattr(local, "_is_expert_parallel"):
         local._is_expert_parallel = True
-    with torch.no_grad():
-        for name in ("gate_up_proj", "down_proj"):
-            getattr(local, name).copy_(getattr(full, name)[rank * e : (rank + 1) * e])
     if impl == "all_to_all":
         mesh = init_device_mesh("cpu", (W, 1), mesh_dim_names=("ep", "tp"))
         ep = AllToAllEP(local, mesh["ep"], mesh["tp"])
@@ -166,7 +168,9 @@ def _wanted(args, label: str) -> bool:
 
 
 def run_group(args, group: str, repo: Path, port: int) -> dict:
-    env = dict(os.environ, MASTER_PORT=str(port), PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    # its own store on the next port: rank 0's child hosts it (torchrun's agent store serves only the parent)
+    env = dict(os.environ, MASTER_PORT=str(port), PYTHONPATH=str(repo), OMP_NUM_THREADS="1",
+               TORCHELASTIC_USE_AGENT_STORE="False")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", group] + _passthrough(args)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(repo))
     if p.returncode != 0:
