@@ -23,7 +23,8 @@ class HierMoEConfig:
         kernels: "auto" (Triton on CUDA tensors when it imports), "triton" or "torch".
         swap_interval: optimizer steps between expert swaps; 0 = never.
         swap_policy: "hierd" (dedup-aware) or "load" (balance raw token counts).
-        cost_model: path of a calibration JSON, or None for the defaults.
+        cost_model: path of a calibration JSON, a preset ("default", "hiermoe-paper"), "calibrate"
+            (a short calibration of the links when the model is patched), or None for the defaults.
         swap_pairs: expert pairs exchanged per planning round.
         overlap_chunks: split each MoE layer's tokens into this many chunks and pipeline them, so
             one chunk's exchange is in flight while another's experts run (and DeepSeek-V3's shared
