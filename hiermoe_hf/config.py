@@ -23,7 +23,8 @@ class HierMoEConfig:
         kernels: "auto" (Triton on CUDA tensors when it imports), "triton" or "torch".
         swap_interval: optimizer steps between expert swaps; 0 = never.
         swap_policy: "hierd" (dedup-aware) or "load" (balance raw token counts).
-        cost_model: path of a calibration JSON, or None for the defaults.
+        cost_model: path of a calibration JSON, a preset ("default", "hiermoe-paper"), "calibrate"
+            (a short calibration of the links when the model is patched), or None for the defaults.
         swap_pairs: expert pairs exchanged per planning round.
         ep_size: ranks per expert-parallel group; None = the world. The world splits into
             W / ep_size replicas of the group (expert data parallelism); the topology then describes

@@ -13,16 +13,16 @@ def num_experts(config) -> int:
     return config.n_routed_experts
 
 
-def forward_with_side(block, hidden_states, run_layer):
+def forward_with_side(block, hidden_states):
     """``DeepseekV3MoE.forward`` with the shared experts handed to the routed exchange as side work,
     so they run while the routed tokens are in flight (``overlap_chunks`` > 1). Same arithmetic as
     Transformers' forward: routed output (reshaped) + shared experts of the block's input.
 
-    run_layer(experts, hidden_TH, topk_ids_TK, topk_w_TK, side) -> (routed_TH, side()).
+    The patched experts module takes ``side=`` and then returns (routed_TH, side()).
     """
     residuals = hidden_states
     orig_shape = hidden_states.shape
     _, topk_weights, topk_indices = block.gate(hidden_states)
     flat = hidden_states.view(-1, hidden_states.shape[-1])
-    routed, shared = run_layer(block.experts, flat, topk_indices, topk_weights, lambda: block.shared_experts(residuals))
+    routed, shared = block.experts(flat, topk_indices, topk_weights, side=lambda: block.shared_experts(residuals))
     return routed.view(*orig_shape) + shared

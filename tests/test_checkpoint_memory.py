@@ -57,9 +57,7 @@ def _reset_peak() -> int:
 
 
 def _rank_peak(big: str, tiny: str, also_plain: bool):
-    # fixed cost-model constants: with none, dispatch="auto" calibrates the links at patch time, whose
-    # ~100 MB of transient buffers (freed at once) would blur this measure of what loading holds
-    cfg = hiermoe_hf.HierMoEConfig(topology="2x2", cost_model="default")
+    cfg = hiermoe_hf.HierMoEConfig(topology="2x2")
     hiermoe_hf.from_pretrained(tiny, cfg)  # one-time costs (lazy imports, process groups) are not the model's
     base = _reset_peak()
     model = hiermoe_hf.from_pretrained(big, cfg)

@@ -255,13 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 
+PATCH_CALIBRATION = "calibrate"  # HierMoEConfig(cost_model="calibrate"): calibrate_at_patch
 PATCH_SIZES = (64 << 10, 1 << 20)  # per-peer bytes: one latency-bound and one bandwidth-bound point
 PATCH_LOCAL_ROWS = (1024, 4096)
 
 
 def calibrate_at_patch(topology: Topology, groups: StageGroups, device: torch.device | None = None) -> CostModel:
-    """A short calibration when a model is patched with ``dispatch="auto"`` and no cost model (so
-    ``auto`` prices this cluster's links, not defaults): every stage kind at two sizes, 2 exchanges
+    """A short calibration when a model is patched with ``cost_model="calibrate"`` (so ``auto``
+    prices this cluster's links, not defaults): every stage kind at two sizes, 2 exchanges
     each, plus the local pack/unpack at two row counts; well under a second on a 200 Mbit/s link.
     The same CostModel on every rank (slowest rank's times). Collective."""
     if device is None:

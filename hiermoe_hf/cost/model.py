@@ -263,7 +263,10 @@ def load_cost_model(path_or_none: str | os.PathLike | None, topology: Topology) 
     if not os.path.exists(spec) and spec in PRESETS:
         return preset_cost_model(spec, topology)
     if not os.path.exists(spec):
-        raise ValueError(f"cost model {spec!r} is neither a file nor a preset; presets: {', '.join(PRESETS)}")
+        raise ValueError(
+            f"cost model {spec!r} is neither a file nor a preset; presets: {', '.join(PRESETS)}, "
+            "or 'calibrate' (measured when the model is patched)"
+        )
     with open(spec) as f:
         try:
             data = json.load(f)

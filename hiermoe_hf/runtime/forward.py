@@ -17,9 +17,15 @@ from hiermoe_hf.runtime.registry import LAYER_ATTR
 from hiermoe_hf.runtime.state import Elapsed, ForwardRecord, LayerState, Runtime
 
 
-def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor):
-    """Replaces the experts module's forward on this instance (same signature as Transformers')."""
-    return run_layer(self, hidden_TH, topk_ids_TK, topk_w_TK)[0]
+def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor, side=None):
+    """Replaces the experts module's forward on this instance (same signature as Transformers').
+
+    ``side``: work to run while the routed tokens travel (a block adapter's ``forward_with_side``
+    passes the shared experts); then the result is (out_TH, side()). Called through the module, so
+    forward hooks (the traffic meter's) see every layer.
+    """
+    out_TH, side_out = run_layer(self, hidden_TH, topk_ids_TK, topk_w_TK, side)
+    return out_TH if side is None else (out_TH, side_out)
 
 
 def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor, side=None):

@@ -10,13 +10,13 @@ import torch.distributed as dist
 from hiermoe_hf import patches
 from hiermoe_hf.checkpoint.save import save_pretrained
 from hiermoe_hf.config import HierMoEConfig
-from hiermoe_hf.cost.calibration import calibrate_at_patch
+from hiermoe_hf.cost.calibration import PATCH_CALIBRATION, calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
 from hiermoe_hf.runtime import generate, guards, registry
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
-from hiermoe_hf.runtime.forward import experts_forward, run_layer
+from hiermoe_hf.runtime.forward import experts_forward
 from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, world
 from hiermoe_hf.runtime.state import LayerState, Runtime
 from hiermoe_hf.topology import Topology
@@ -128,10 +128,10 @@ def process_groups(layout: EPLayout) -> tuple[object, object]:
 
 
 def _cost_model(config: HierMoEConfig, topology: Topology, groups: StageGroups | None):
-    """The constants ``auto`` prices with: the given file or preset; else, for ``dispatch="auto"``
-    on several ranks, a short calibration of this cluster's links now (collective); else defaults."""
-    if config.cost_model is None and config.dispatch == "auto" and groups is not None:
-        return calibrate_at_patch(topology, groups)
+    """The constants ``auto`` prices with: ``cost_model="calibrate"`` measures this cluster's links
+    now (collective; defaults on one rank); else the given file or preset, or the defaults."""
+    if config.cost_model == PATCH_CALIBRATION:
+        return calibrate_at_patch(topology, groups) if groups is not None else load_cost_model(None, topology)
     return load_cost_model(config.cost_model, topology)
 
 
@@ -143,7 +143,7 @@ def _overlaps_side_work(adapter, config: HierMoEConfig, world_size: int) -> bool
 
 def _block_forward(adapter):
     def forward(block, hidden_states):
-        return adapter.forward_with_side(block, hidden_states, run_layer)
+        return adapter.forward_with_side(block, hidden_states)
 
     return forward
 
