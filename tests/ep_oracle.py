@@ -40,3 +40,21 @@ def reference_run(model, world: int, steps, lr: float = LR):
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+TRAINER_ROW_LEN = 12
+
+
+def trainer_row() -> torch.Tensor:
+    """int64 [TRAINER_ROW_LEN]: the one seeded row every Trainer test step sees (input and label)."""
+    return torch.randint(0, 256, (TRAINER_ROW_LEN,), generator=torch.Generator().manual_seed(3))
+
+
+class SameRow(torch.utils.data.Dataset):
+    """Every item is ``trainer_row()``: every step sees the same global batch, whatever the sampler does."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return {"input_ids": trainer_row(), "labels": trainer_row()}

@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 import torch
-from ep_oracle import LR, micro, probe, reference_run, rel
+from ep_oracle import LR, TRAINER_ROW_LEN, SameRow, micro, probe, reference_run, rel, trainer_row
 
 import hiermoe_hf
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
@@ -110,19 +110,9 @@ def test_plugin_grad_scaler_skips_on_every_rank_without_hanging(ranks):
 
 # ---- Trainer + HierMoECallback ----------------------------------------------------------------------------
 
-TR_L, TR_B = 12, 2
+TR_L, TR_B = TRAINER_ROW_LEN, 2
 
 
-def _row() -> torch.Tensor:
-    return torch.randint(0, 256, (TR_L,), generator=torch.Generator().manual_seed(3))
-
-
-class _SameRow(torch.utils.data.Dataset):  # every step sees the same global batch, whatever the sampler does
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, i):
-        return {"input_ids": _row(), "labels": _row()}
 
 
 def trainer_job(output_dir):
@@ -147,7 +137,7 @@ def trainer_job(output_dir):
     )
     model = build_model(tiny_qwen3_moe_config(output_router_logits=False)).train()
     cb = HierMoECallback(topology=[1, dist.get_world_size()], dispatch="a2a")
-    trainer = Trainer(model=model, args=args, train_dataset=_SameRow(), callbacks=[Poison(), cb])
+    trainer = Trainer(model=model, args=args, train_dataset=SameRow(), callbacks=[Poison(), cb])
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
     trainer.train()
     with torch.no_grad():
@@ -161,7 +151,7 @@ def test_trainer_callback_grad_scaler_skips_on_every_rank(ranks):
         assert len(results) == 2  # a pool closed by an earlier timeout answers []
     ref = build_model(tiny_qwen3_moe_config(output_router_logits=False)).train()
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
-    batch = _row().expand(2 * TR_B, TR_L)
+    batch = trainer_row().expand(2 * TR_B, TR_L)
     ref(input_ids=batch, labels=batch).loss.backward()  # the one step that was taken
     opt.step()
     with torch.no_grad():

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 import torch
-from ep_oracle import LR, micro, probe, reference_run, rel
+from ep_oracle import LR, TRAINER_ROW_LEN, SameRow, micro, probe, reference_run, rel, trainer_row
 
 import hiermoe_hf
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
@@ -126,19 +126,9 @@ def test_lora_on_routed_experts_is_refused_in_either_order(ranks):
 
 # ---- Trainer + HierMoECallback on a PeftModel ----------------------------------------------------------------
 
-TR_STEPS, TR_B, TR_L = 3, 2, 12
+TR_STEPS, TR_B, TR_L = 3, 2, TRAINER_ROW_LEN
 
 
-def _row() -> torch.Tensor:
-    return torch.randint(0, 256, (TR_L,), generator=torch.Generator().manual_seed(3))
-
-
-class _SameRow(torch.utils.data.Dataset):  # every step sees the same global batch, whatever the sampler does
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, i):
-        return {"input_ids": _row(), "labels": _row()}
 
 
 def _trainer_peft(lora_seed: int):
@@ -166,7 +156,7 @@ def peft_trainer_job(output_dir, resume=None):
     )
     cb = HierMoECallback(topology="1x2", dispatch="a2a", swap_interval=1, swap_policy="load", swap_pairs=2)
     pm = _trainer_peft(lora_seed=1 if resume is None else 5)  # a resumed run gets its LoRA weights from disk
-    trainer = Trainer(model=pm, args=args, train_dataset=_SameRow(), callbacks=[cb])
+    trainer = Trainer(model=pm, args=args, train_dataset=SameRow(), callbacks=[cb])
     trainer.train(resume_from_checkpoint=resume)
     with torch.no_grad():
         logits = trainer.model.eval()(probe()).logits
@@ -182,7 +172,7 @@ def test_trainer_callback_on_a_peft_model_trains_saves_adapters_and_resumes(rank
     assert len(full) == len(resumed) == 2
     ref = _trainer_peft(lora_seed=1)
     opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    batch = _row().expand(2 * TR_B, TR_L)
+    batch = trainer_row().expand(2 * TR_B, TR_L)
     for _ in range(TR_STEPS):
         ref(input_ids=batch, labels=batch).loss.backward()
         opt.step()

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from ep_oracle import LR, micro, probe, reference_run, rel
+from ep_oracle import LR, TRAINER_ROW_LEN, SameRow, micro, probe, reference_run, rel, trainer_row
 
 import hiermoe_hf
 from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qwen3_moe_config
@@ -178,19 +178,9 @@ def test_patch_again_with_another_config_raises_same_config_is_a_noop():
 
 # ---- transformers.Trainer without HierMoECallback ------------------------------------------------------------
 
-TR_L, TR_B, TR_STEPS = 12, 2, 3
+TR_L, TR_B, TR_STEPS = TRAINER_ROW_LEN, 2, 3
 
 
-def _row() -> torch.Tensor:
-    return torch.randint(0, 256, (TR_L,), generator=torch.Generator().manual_seed(3))
-
-
-class _SameRow(torch.utils.data.Dataset):  # every step sees the same global batch, whatever the sampler does
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, i):
-        return {"input_ids": _row(), "labels": _row()}
 
 
 def trainer_without_callback_job(output_dir, args_kw):
@@ -209,7 +199,7 @@ def trainer_without_callback_job(output_dir, args_kw):
     )
     model = build_model(tiny_qwen3_moe_config(output_router_logits=False)).train()
     hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=[1, W], dispatch="a2a"))
-    trainer = Trainer(model=model, args=args, train_dataset=_SameRow())
+    trainer = Trainer(model=model, args=args, train_dataset=SameRow())
     try:
         trainer.train()
     except ValueError as err:
@@ -228,7 +218,7 @@ def test_trainer_without_callback_is_exact_or_refused(ranks):
     assert len(exact) == len(refused) == 2
     ref = build_model(tiny_qwen3_moe_config(output_router_logits=False)).train()
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
-    batch = _row().expand(2 * TR_B, TR_L)
+    batch = trainer_row().expand(2 * TR_B, TR_L)
     for _ in range(TR_STEPS):
         ref(input_ids=batch, labels=batch).loss.backward()
         opt.step()
