@@ -128,6 +128,12 @@ class HierMoECallback(TrainerCallback):
                 self._store.remove()
             self._store = RankStateStore(self.model, inner)
         if state.global_step > 0:  # resume_from_checkpoint: the Trainer has loaded rank 0's copies
+            if self.settings.dense_sharding == "fsdp2":
+                raise ValueError(
+                    "HierMoECallback: resume_from_checkpoint with dense_sharding='fsdp2' is not supported (the "
+                    "Trainer reloads the dense part from one rank's files, not each rank's shards); resume with "
+                    "HierMoEPlugin's accelerator.save_state/load_state, or train with dense_sharding='ddp'"
+                )
             directory = _resume_dir()
             if directory is None or not os.path.isdir(str(directory)):
                 raise ValueError(
