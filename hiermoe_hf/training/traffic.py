@@ -39,14 +39,16 @@ FIELDS = (
 )
 
 
-def inter_node_rows(dest_rank_TK: torch.Tensor, topology: Topology, rank: int, strategy: str) -> int:
-    """Rows of ``rank``'s tokens that cross nodes in one dispatch of ``strategy`` (any stage), from
-    the destination ranks [T, K] (-1: none), by ``exchange.stage_rows``. A one-level topology is one
-    node (nothing crosses)."""
+def inter_node_rows(
+    dest_rank_TK: torch.Tensor, topology: Topology, rank: int, strategy: str, counts: list | None = None
+) -> torch.Tensor:
+    """int64 [] on the routing's device: rows of ``rank``'s tokens that cross nodes in one dispatch of
+    ``strategy`` (any stage), from the destination ranks [T, K] (-1: none), by ``exchange.stage_rows``
+    (``counts``: its result, if already computed). A one-level topology is one node (nothing crosses)."""
     if topology.depth < 2 or strategy == "local":
-        return 0
-    counts = stage_rows(dest_rank_TK, topology, strategy, origins=[rank])
-    return int(sum(crossing_rows(c, topology, st) for st, c in zip(topology.stages(strategy), counts)))
+        return torch.zeros((), dtype=torch.int64, device=dest_rank_TK.device)
+    counts = counts if counts is not None else stage_rows(dest_rank_TK, topology, strategy, origins=[rank])
+    return sum(crossing_rows(c, topology, st) for st, c in zip(topology.stages(strategy), counts))
 
 
 class TrafficMeter:
@@ -98,27 +100,28 @@ class TrafficMeter:
         phys_TK = placement.phys_of_E[ids_TK.clamp(0, placement.num_experts - 1)]
         dest_TK = torch.where(valid, phys_TK // placement.local_experts, -1)
         row_bytes = hidden_TH.shape[1] * hidden_TH.element_size()
-        actual = inter_node_rows(dest_TK, rt.topology, rt.rank, strategy)
-        a2a = inter_node_rows(dest_TK, rt.topology, rt.rank, "a2a")
+        # Device tensors, summed on the device and read back once per pop: no host sync per layer.
         (flat,) = rt.topology.stages("a2a")
-        (a2a_counts,) = stage_rows(dest_TK, rt.topology, "a2a", origins=[rt.rank])
+        a2a_counts = stage_rows(dest_TK, rt.topology, "a2a", origins=[rt.rank])
+        actual = inter_node_rows(dest_TK, rt.topology, rt.rank, strategy)
+        a2a = inter_node_rows(dest_TK, rt.topology, rt.rank, "a2a", a2a_counts)
         counts["inter_node_rows"] = actual
         counts["a2a_inter_node_rows"] = a2a
         counts["inter_node_bytes"] = actual * row_bytes
         counts["a2a_inter_node_bytes"] = a2a * row_bytes
         counts["rows_sent"] = sum(s["rows_sent"] for s in last.stages)
-        counts["a2a_rows_sent"] = int(sent_rows(a2a_counts, rt.topology, flat).sum())
+        counts["a2a_rows_sent"] = sent_rows(a2a_counts[0], rt.topology, flat).sum()
 
     def pop(self, reduce: bool = False) -> dict:
         """Counters since the last pop; call once per optimizer step (the expert-gradient all-reduce
         traffic is counted once per pop)."""
         counts = dict(self.counts)
         counts["expert_grad_allreduce_bytes"] = int(self._grad_allreduce_bytes)
+        device = self._probe.device if self._probe is not None else torch.device("cpu")
+        t = torch.stack([torch.as_tensor(counts[f], dtype=torch.float64, device=device) for f in FIELDS])
         if reduce and world()[0] > 1:
-            device = self._probe.device if self._probe is not None else torch.device("cpu")
-            t = torch.tensor([counts[f] for f in FIELDS], dtype=torch.float64, device=device)
             dist.all_reduce(t)
-            counts = {f: int(v) for f, v in zip(FIELDS, t.tolist())}
+        counts = {f: int(v) for f, v in zip(FIELDS, t.tolist())}  # the one host read of the step's counters
         counts["strategies"] = dict(self.strategies)
         self._reset()
         return counts
