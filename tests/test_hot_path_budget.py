@@ -75,10 +75,14 @@ class Counter:
         return sum(v for k, v in self.calls.items() if k.startswith(prefix))
 
 
-def _watch_forwards(model, counter: Counter) -> None:
-    """Count host reads only inside each patched experts forward."""
+def _watch_forwards(model, counter: Counter, hooks: bool = False) -> None:
+    """Count host reads only inside each patched experts forward (``hooks``: and inside its forward
+    hooks, where the traffic meter runs)."""
     for _, (experts, _) in moe_layers(model).items():
         inner = experts.forward
+        if hooks:
+            experts.register_forward_hook(lambda *_: setattr(counter, "active", True), prepend=True)
+            experts.register_forward_hook(lambda *_: setattr(counter, "active", False))
 
         def fwd(*args, _inner=inner, **kwargs):
             counter.active = True
@@ -90,7 +94,7 @@ def _watch_forwards(model, counter: Counter) -> None:
         experts.forward = fwd
 
 
-def count_step(model_name: str, strategy: str, overlap_chunks: int | None = None) -> dict:
+def count_step(model_name: str, strategy: str, overlap_chunks: int | None = None, meter: bool = False) -> dict:
     cfg = tiny_qwen3_moe_config() if model_name == "qwen3_moe" else tiny_deepseek_v3_config()
     model = build_model(cfg).train()
     kw = {} if overlap_chunks is None else {"overlap_chunks": overlap_chunks}
@@ -98,12 +102,16 @@ def count_step(model_name: str, strategy: str, overlap_chunks: int | None = None
         topology="2x2", dispatch=strategy, kernels="torch", cost_model="hiermoe-paper", **kw
     )
     hiermoe_hf.patch(model, cfg)
+    if meter:  # what the plugin and the callback attach: it must add no host read per layer
+        from hiermoe_hf.training.traffic import TrafficMeter
+
+        TrafficMeter(model)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5 + dist.get_rank()))
     model(ids, labels=ids).loss.backward()  # warm-up: lazily built state is not the per-step cost
     model.zero_grad()
     fwd, bwd = Counter(), Counter()
     with fwd.installed():
-        _watch_forwards(model, fwd)
+        _watch_forwards(model, fwd, hooks=meter)
         loss = model(ids, labels=ids).loss
     with bwd.installed():
         bwd.active = True
@@ -157,3 +165,11 @@ def test_chunks_add_only_their_row_exchanges(ranks, strategy, model_name):
         per = _per_layer(r)
         assert per["collectives"] == 1 + chunks * (BUDGET[strategy] - 1), (per, r["calls"])
         assert per["forward_reads"] == 1 and per["backward_reads"] == 0 and per["hidden_syncs"] == 0, r["calls"]
+
+
+@pytest.mark.parametrize("strategy", ["a2a", "hd2"])
+def test_traffic_meter_adds_no_host_read(ranks, strategy):
+    pool = ranks(4)
+    for plain, metered in zip(pool.run(count_step, "qwen3_moe", strategy), pool.run(count_step, "qwen3_moe",
+                                                                                       strategy, meter=True)):
+        assert _per_layer(metered) == _per_layer(plain), (metered["calls"], plain["calls"])
