@@ -3,11 +3,13 @@
 Before any row moves, each rank counts the rows its own tokens will make every rank send in every
 stage of every candidate strategy (``stage_rows.stage_cells``: rows of different origin tokens are
 never merged, so these contributions add up exactly), plus how many of its selections go to each
-rank. One ``all_reduce`` of that int64 vector gives every rank the global counts; ``auto`` prices
-the candidates on the device (``pricing.forward_exchange_seconds``, identical float arithmetic on
-identical inputs, ``argmin`` breaks ties towards the earlier candidate), and ONE host read brings
-back the choice and the split sizes of all stages together. Nothing else on the layer's path reads
-the device.
+rank. One ``all_reduce`` of that int64 vector gives every rank the global counts, and ONE host read
+brings back the choice and the split sizes of all stages together. Nothing else on the layer's path
+reads the device. The choice is one of three (``exchange_chunk_counts``' ``choice``): ``Fixed``;
+``Priced`` (``auto`` with a cost model: the candidates priced on the device by
+``pricing.forward_exchange_seconds``, identical float arithmetic on identical inputs, ``argmin``
+breaking ties towards the earlier candidate); ``cost.trials.StrategyTrials`` (``auto`` without
+one: the previous forward's timing rides in extra slots of the same vector).
 
 Shapes: W ranks, S group members, T tokens, K selections, C candidates.
 """
@@ -100,6 +102,52 @@ def _splits(topology: Topology, rank: int, name: str, host: list[int], offset: i
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class Fixed:
+    """Choose ``strategy`` (a fixed ``dispatch``): only its split sizes are counted."""
+
+    strategy: str
+
+    @property
+    def counting(self) -> tuple[str, ...]:
+        return (self.strategy,)
+
+    def extra(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+
+    def head(self, topology: Topology, global_CN: torch.Tensor, row_bytes: int):
+        return None, None
+
+    def pick(self, head: int | None, summed_extra: list[int]) -> str:
+        return self.strategy
+
+
+@dataclass(frozen=True)
+class Priced:
+    """Choose the cheapest of ``candidates`` under ``cost_model`` (``dispatch="auto"`` with constants):
+    priced on the device from the global counts, ties to the earlier candidate."""
+
+    candidates: tuple[str, ...]
+    cost_model: object
+
+    @property
+    def counting(self) -> tuple[str, ...]:
+        return self.candidates
+
+    def extra(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+
+    def head(self, topology: Topology, global_CN: torch.Tensor, row_bytes: int):
+        """(int64 [1] index of the cheapest, float64 [C] predicted ms) from every chunk's global
+        counts (int64 [chunks, N], ``contribution``'s layout summed over ranks)."""
+        counts = split_global(topology, self.candidates, global_CN.sum(0))
+        predicted = price(topology, counts, row_bytes, self.cost_model)
+        return torch.argmin(predicted).view(1), predicted  # first minimum: ties go to the earlier one
+
+    def pick(self, head: int | None, summed_extra: list[int]) -> str:
+        return self.candidates[head]
+
+
 def exchange_counts(
     topology: Topology,
     group,
@@ -111,44 +159,54 @@ def exchange_counts(
 ) -> LayerCounts:
     """The layer's one collective (``all_reduce`` in ``group``, the whole expert-parallel group; None
     for a single rank) and one host read. With several candidates, ``cost_model`` prices them."""
-    return exchange_chunk_counts(topology, group, rank, candidates, [dest_TK], row_bytes, cost_model)[0]
+    choice = Priced(tuple(candidates), cost_model) if len(candidates) > 1 else Fixed(candidates[0])
+    return exchange_chunk_counts(topology, group, rank, choice, [dest_TK], row_bytes)[0]
 
 
 def exchange_chunk_counts(
     topology: Topology,
     group,
     rank: int,
-    candidates: tuple[str, ...],
+    choice,
     dest_chunks: list[torch.Tensor],
     row_bytes: int = 0,
-    cost_model=None,
 ) -> list[LayerCounts]:
     """``exchange_counts`` for a layer whose tokens travel in chunks (``overlap_chunks``): every
-    chunk's split sizes still come from one collective and one host read; ``auto`` prices the whole
-    layer (the chunks' counts summed), so chunking never changes the choice."""
+    chunk's split sizes still come from one collective and one host read; a priced choice prices the
+    whole layer (the chunks' counts summed), so chunking never changes it.
+
+    choice: ``Fixed``, ``Priced`` or ``cost.trials.StrategyTrials``: which strategies to count
+    (``counting``), this rank's extra int64 slots summed with the counts (``extra``: a trial's
+    timing), the device-side choice (``head``) and the strategy from what the host read
+    (``pick``).
+    """
+    candidates = choice.counting
     C, W = len(dest_chunks), topology.world_size
+    extra_X = choice.extra(dest_chunks[0].device)
+    X = extra_X.numel()
     flat_CN = torch.stack([contribution(topology, candidates, d, rank) for d in dest_chunks])
     load_CW = flat_CN[:, :W].clone()
+    flat = torch.cat([extra_X, flat_CN.reshape(-1)])
     if group is not None:
-        dist.all_reduce(flat_CN, op=dist.ReduceOp.SUM, group=group)
-    predicted = None
-    head = torch.zeros(1, dtype=torch.int64, device=flat_CN.device)
-    if len(candidates) > 1:
-        predicted = price(topology, split_global(topology, candidates, flat_CN.sum(0)), row_bytes, cost_model)
-        head = torch.argmin(predicted).view(1)  # first minimum: ties go to the earlier candidate
-    host = torch.cat([head, flat_CN.reshape(-1)]).tolist()  # the layer's one device-to-host read
-    choice = candidates[host[0]]
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat_CN = flat[X:].view(C, -1)
+    head, predicted = choice.head(topology, flat_CN, row_bytes)
+    if head is None:
+        head = torch.zeros(1, dtype=torch.int64, device=flat.device)
+    host = torch.cat([head, flat]).tolist()  # the layer's one device-to-host read
+    choice_name = choice.pick(host[0], host[1 : 1 + X])
     offset = W
     for name in candidates:
-        if name == choice:
+        if name == choice_name:
             break
         offset += sum(W * topology.group_size(st) for st in topology.stages(name))
     N = flat_CN.shape[1]
+    base = 1 + X
     return [
         LayerCounts(
-            strategy=choice,
-            splits=_splits(topology, rank, choice, host, 1 + c * N + offset),
-            arriving=host[1 + c * N + rank],
+            strategy=choice_name,
+            splits=_splits(topology, rank, choice_name, host, base + c * N + offset),
+            arriving=host[base + c * N + rank],
             load_per_rank=load_CW[c],
             candidates=tuple(candidates),
             predicted_ms=predicted,

@@ -9,7 +9,7 @@ import torch
 from hiermoe_hf.exchange.comm import meta_row_bytes, whole_group
 from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch, stage_stats
 from hiermoe_hf.exchange.experts import local_experts_forward
-from hiermoe_hf.exchange.layer_counts import LayerCounts, exchange_chunk_counts
+from hiermoe_hf.exchange.layer_counts import Fixed, LayerCounts, Priced, exchange_chunk_counts
 from hiermoe_hf.exchange.pipeline import pipelined_layer
 from hiermoe_hf.kernels import select_ops
 from hiermoe_hf.runtime import guards
@@ -57,13 +57,14 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
     x_TH = hidden_TH.to(_compute_dtype(hidden_TH))
     sum_dtype = torch.promote_types(hidden_TH.dtype, getattr(self, layer.param_names[0]).dtype)
     C = rt.config.overlap_chunks
-    chunk_counts = _count(rt, torch.tensor_split(phys_TK // e, C), x_TH)  # one collective, one read
+    chunk_counts = _count(rt, layer, torch.tensor_split(phys_TK // e, C), x_TH)  # one collective, one read
     first = chunk_counts[0]
     strategy = first.strategy
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
     row_bytes = x_TH.shape[1] * x_TH.element_size()
     meta_bytes = meta_row_bytes(K, topk_w_TK.dtype)
     predicted = {} if first.predicted_ms is None else dict(zip(first.candidates, first.predicted_ms.unbind()))
+    trials = layer.trials
 
     def record(handle, spans, expert_rows=None) -> ForwardRecord:
         return ForwardRecord(
@@ -75,8 +76,9 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
             predicted_ms=predicted.get(strategy),
             predicted_ms_by_strategy=predicted,
             measured_ms=Elapsed(*spans),
-            cost_model=rt.cost_model.source,
-            cost_model_defaults=bool(rt.cost_model.defaults_used),
+            cost_model=rt.cost_model.source if trials is None else trials.source(),
+            cost_model_defaults=bool(rt.cost_model.defaults_used) if trials is None else False,
+            measured_ms_by_strategy=None if trials is None else trials.measured_ms(),
             expert_rows=expert_rows,
             recompute=recompute,
         )
@@ -105,6 +107,8 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
         out_TH, handle, side_out = pipelined_layer(x_TH, phys_TK, topk_w_TK, plan, ops, chunk_counts, experts_fn, side)
         out_TH = out_TH.to(hidden_TH.dtype)
         layer.last = record(handle, ((t0, Elapsed.mark(hidden_TH)),), torch.stack(rows).sum())  # experts included
+    if trials is not None:
+        trials.ran(layer.last.measured_ms)
     if layer.records_routing:
         if not recompute:  # the window holds each routing once; this forward is one exchange pass
             layer.routing.record(topk_ids_TK, placement.num_experts, training=False)
@@ -126,13 +130,16 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _count(rt: Runtime, dest_chunks: tuple[torch.Tensor, ...], x_TH: torch.Tensor) -> list[LayerCounts]:
+def _count(rt: Runtime, layer: LayerState, dest_chunks: tuple[torch.Tensor, ...], x_TH: torch.Tensor) -> list[LayerCounts]:
     """Split sizes of every stage of every chunk (and, for ``auto``, the choice) from one collective
     and one host read."""
-    fixed = rt.config.dispatch != "auto"
-    candidates = (rt.config.dispatch,) if fixed else tuple(rt.topology.strategies())
+    if rt.config.dispatch != "auto":
+        choice = Fixed(rt.config.dispatch)
+    elif layer.trials is not None:
+        choice = layer.trials
+    else:
+        choice = Priced(tuple(rt.topology.strategies()), rt.cost_model)
     row_bytes = x_TH.shape[1] * x_TH.element_size()
     return exchange_chunk_counts(
-        rt.topology, whole_group(rt.topology, rt.groups), rt.rank, candidates, list(dest_chunks), row_bytes,
-        rt.cost_model,
+        rt.topology, whole_group(rt.topology, rt.groups), rt.rank, choice, list(dest_chunks), row_bytes
     )

@@ -12,6 +12,7 @@ from hiermoe_hf.checkpoint.save import save_pretrained
 from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.cost.calibration import PATCH_CALIBRATION, calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
+from hiermoe_hf.cost.trials import StrategyTrials, trial_candidates
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
 from hiermoe_hf.runtime import generate, guards, registry
@@ -78,7 +79,8 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
     for name, block in blocks:
         experts = block.experts
         guards.refuse_adapted_experts(experts, name)
-        layer = LayerState(name, runtime, Placement.contiguous(num_experts, world_size), adapter.EXPERT_PARAMS)
+        layer = LayerState(name, runtime, Placement.contiguous(num_experts, world_size), adapter.EXPERT_PARAMS,
+                           trials=_trials(config, topology))
         if world_size > 1 and not experts_are_local:
             _shard(experts, layer.param_names, layer.local_logical())
         setattr(experts, LAYER_ATTR, layer)
@@ -125,6 +127,15 @@ def process_groups(layout: EPLayout) -> tuple[object, object]:
     ep = build([layout.group_ranks(j) for j in range(layout.replicas)], layout.group_ranks(layout.replica))
     rep = build([layout.replica_ranks(g) for g in range(layout.ep_size)], layout.replica_ranks(layout.rank))
     return ep, rep
+
+
+def _trials(config: HierMoEConfig, topology: Topology) -> StrategyTrials | None:
+    """``dispatch="auto"`` without a cost model times its candidates (``cost/trials.py``); with one
+    candidate (one level) there is nothing to time."""
+    if config.dispatch != "auto" or config.cost_model is not None or topology.world_size == 1:
+        return None
+    candidates = trial_candidates(topology)
+    return StrategyTrials(candidates, topology.world_size, chosen=candidates[0] if len(candidates) == 1 else None)
 
 
 def _cost_model(config: HierMoEConfig, topology: Topology, groups: StageGroups | None):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.cost.trials import StrategyTrials
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
 from hiermoe_hf.runtime.ep_layout import EPLayout
@@ -94,6 +95,8 @@ class ForwardRecord:
     destination rank; expert_rows: int64 [] rows through the local experts. The exchange fields are
     None at world size 1 (Transformers' own forward ran), where ``stats`` leaves them out.
     recompute: this forward was a gradient-checkpointing recompute (run inside a backward).
+    measured_ms_by_strategy: ``dispatch="auto"`` without a cost model only: each candidate's timed
+    exchange so far (``cost.trials``), else None.
     """
 
     strategy: str
@@ -104,6 +107,7 @@ class ForwardRecord:
     predicted_ms: float | None = None
     predicted_ms_by_strategy: dict | None = None
     measured_ms: Elapsed | None = None
+    measured_ms_by_strategy: dict | None = None
     cost_model: str | None = None
     cost_model_defaults: bool | None = None
     expert_rows: torch.Tensor | None = None
@@ -126,6 +130,7 @@ class LayerState:
     swaps: list = field(default_factory=list)
     routing: RoutingStats = field(default_factory=RoutingStats)  # recent logical top-k ids, for swaps
     record_routing: bool = False  # set by swap_experts: record even with swap_interval=0
+    trials: StrategyTrials | None = None  # dispatch="auto" without a cost model: the timed choice
 
     @property
     def local_experts(self) -> int:
