@@ -1,6 +1,7 @@
 """``cost_model="calibrate"`` calibrates this cluster's links when the model is patched (issue 13
 item 6): stats name that source and every rank holds the same constants (LAPACK's fit differs in
-the last bit between processes: rank 0's is broadcast); None keeps the defaults."""
+the last bit between processes: rank 0's is broadcast); None times the candidates instead and
+"default" prices with the default constants."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def test_auto_calibrates_at_patch_time(ranks):
     for r in pool.run(_patched, "auto", "calibrate"):
         assert r["source"].startswith("calibrated at patch time") and not r["defaults"], r
         assert r["stats_source"] == r["source"] and r["same_everywhere"] and r["has_local"]
-    for r in pool.run(_patched, "auto"):
+    for r in pool.run(_patched, "auto"):  # no cost model: auto times its candidates (test_auto_trials.py)
+        assert r["defaults"] and r["stats_source"].startswith("measured")
+    for r in pool.run(_patched, "auto", "default"):
         assert r["defaults"] and r["stats_source"].startswith("defaults")
     for r in pool.run(_patched, "auto", "hiermoe-paper"):
         assert r["stats_source"].startswith("preset hiermoe-paper")

@@ -143,8 +143,12 @@ def auto_choice_in_stats(cost_model) -> list:
     out = []
     for layer in hiermoe_hf.stats(model).values():
         by = layer["predicted_ms_by_strategy"]
-        assert set(by) == {"a2a", "2dh", "hd1", "hd2"}
-        assert layer["strategy"] == min(by, key=by.get) and layer["predicted_ms"] == by[layer["strategy"]]
+        if cost_model is None:  # timed, not priced (cost/trials.py): the first forward runs the first candidate
+            assert by == {} and layer["predicted_ms"] is None and layer["strategy"] == "hd1"
+            assert layer["measured_ms_by_strategy"] == {}
+        else:
+            assert set(by) == {"a2a", "2dh", "hd1", "hd2"} and layer["measured_ms_by_strategy"] is None
+            assert layer["strategy"] == min(by, key=by.get) and layer["predicted_ms"] == by[layer["strategy"]]
         assert layer["measured_ms"] > 0
         out.append((layer["strategy"], layer["cost_model"], layer["cost_model_defaults"]))
     return out
@@ -155,5 +159,5 @@ def test_auto_reports_choice_cost_model_and_times(ranks, cost_model):
     results = ranks(4).run(auto_choice_in_stats, cost_model)
     assert all(r == results[0] for r in results)  # every rank made the same choice per layer
     for _, source, defaults in results[0]:
-        assert defaults == (cost_model is None)
-        assert (cost_model or "default") in source
+        assert defaults is False
+        assert source.startswith("measured" if cost_model is None else "preset hiermoe-paper")

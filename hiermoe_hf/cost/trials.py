@@ -103,6 +103,8 @@ class StrategyTrials:
 
     def source(self) -> str:
         """Where the choice comes from, for ``stats``' ``cost_model``."""
+        if len(self.candidates) == 1:
+            return f"measured: nothing to time, {self.chosen} is the one de-duplicating strategy on one level"
         what = f"measured: each of {', '.join(self.candidates)} timed on this layer's exchange"
         rounds = f"{TIMED_ROUNDS} rounds after a warm-up round, fastest kept"
         if self.chosen is None:
