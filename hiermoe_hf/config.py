@@ -24,7 +24,9 @@ class HierMoEConfig:
         swap_interval: optimizer steps between expert swaps; 0 = never.
         swap_policy: "hierd" (dedup-aware) or "load" (balance raw token counts).
         cost_model: path of a calibration JSON, a preset ("default", "hiermoe-paper"), "calibrate"
-            (a short calibration of the links when the model is patched), or None for the defaults.
+            (a short calibration of the links when the model is patched), or None: ``auto`` then
+            times its candidates on each layer's first forwards and keeps the fastest
+            (``cost/trials.py``); the planner and the swap objective use the default constants.
         swap_pairs: expert pairs exchanged per planning round.
         ep_size: ranks per expert-parallel group; None = the world. The world splits into
             W / ep_size replicas of the group (expert data parallelism); the topology then describes

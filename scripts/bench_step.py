@@ -135,14 +135,15 @@ def worker(args, group: str) -> dict:
             x = torch.randn(1, T, H, generator=g)
             grad = torch.randn(1, T, H, generator=g)
             times = []
-            for i in range(args.reps + 1):
+            warmup = 1 if group == "hf" else _warmup_steps(model)
+            for i in range(args.reps + warmup):
                 dist.barrier()
                 t0 = time.perf_counter()
                 xi = x.clone().requires_grad_(True)
                 _block_out(block, xi).backward(grad)
                 t = torch.tensor([time.perf_counter() - t0])
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                if i:
+                if i >= warmup:
                     times.append(float(t))
             entry = {"step_s": statistics.median(times), "steps_s": times}
             if group != "hf":
@@ -158,6 +159,15 @@ def worker(args, group: str) -> dict:
     finally:
         dist.destroy_process_group()
     return out
+
+
+def _warmup_steps(model) -> int:
+    """One warm-up step, plus the forwards in which ``auto`` times its candidates (cost/trials.py;
+    checkouts before it have none)."""
+    from hiermoe_hf.runtime.registry import moe_layers
+
+    trials = [getattr(layer, "trials", None) for _, layer in moe_layers(model).values()]
+    return 1 + max((t.trial_forwards for t in trials if t is not None and t.chosen is None), default=0)
 
 
 def _wanted(args, label: str) -> bool:

@@ -75,7 +75,9 @@ class HierMoEPlugin:
     kernels: str | None = field(default=None, metadata=_help("'auto', 'triton' or 'torch'"))
     swap_interval: int | None = field(default=None, metadata=_help("optimizer steps between expert swaps; 0 = never"))
     swap_policy: str | None = field(default=None, metadata=_help("'hierd' (dedup-aware) or 'load'"))
-    cost_model: str | None = field(default=None, metadata=_help("path of a calibration JSON; unset = defaults"))
+    cost_model: str | None = field(
+        default=None, metadata=_help("calibration JSON, preset or 'calibrate'; unset: auto times its candidates")
+    )
     swap_pairs: int | None = field(default=None, metadata=_help("expert pairs exchanged per swap round"))
     overlap_chunks: int | None = field(default=None, metadata=_help("token chunks pipelined per MoE layer; 1 = none"))
     ep_size: int | None = field(
