@@ -1,10 +1,10 @@
-"""``dispatch="auto"`` without a cost model times its candidates on the layer's own exchange and
+"""``dispatch="auto"`` without a cost model times its candidates on the model's own exchanges and
 keeps the fastest (issue 13 item 6, ``cost/trials.py``).
 
 The oracle of the distributed test is a delay the test injects into one kind of stage group: 20 ms
 in every ``all_to_all_single`` of the 4-rank group (only ``hd1``'s flat stage has one) or of the
 2-rank groups (only ``hd2``'s stages): the strategy without the delay must win, on every rank and
-layer, after exactly the announced trial forwards. Default constants (the code before the change)
+layer, after exactly the announced trial forwards. The unit tests drive the schedule by hand. Default constants (the code before the change)
 pick the same strategy whatever the links do, so one of the two cases fails on it.
 """
 
@@ -30,9 +30,18 @@ class _Ms:
         return self._ms
 
 
-def _drive(trials: StrategyTrials, summed_us: list[int]) -> list[str]:
-    """Pick once per entry of ``summed_us`` (the sum the count exchange brings for the previous forward)."""
-    return [trials.pick(None, [us]) for us in summed_us]
+def _drive(trials: StrategyTrials, layers: list[str], summed_us: list[list[int]]) -> list[list[str]]:
+    """One pass over ``layers`` per row of ``summed_us``; ``summed_us[p][i]``: the sum over ranks of
+    layer i's forward time in pass p, which the next MoE forward's count exchange brings."""
+    picked, prev = [], 0
+    for row in summed_us:
+        picks = []
+        for layer, us in zip(layers, row):
+            picks.append(trials.pick(layer, [prev] if trials.chosen is None else []))
+            trials.ran(_Ms(us / 1e3))
+            prev = us
+        picked.append(picks)
+    return picked
 
 
 def test_candidates_are_the_deduplicating_strategies():
@@ -41,29 +50,34 @@ def test_candidates_are_the_deduplicating_strategies():
     assert trial_candidates(Topology((4,))) == ("hd1",)
 
 
-def test_schedule_skips_warmup_and_keeps_the_fastest_round():
+def test_model_wide_choice_from_the_fastest_round_summed_over_layers():
     assert TIMED_ROUNDS == 2
     t = StrategyTrials(("hd1", "hd2"), world_size=4)
-    # times reported at forward f are of forward f-1: f0 none; warm-up hd1, hd2 (hd2's tiny warm-up
-    # time must not count); round 1 hd1 400, hd2 600; round 2 hd1 500, hd2 350
-    picked = _drive(t, [0, 10**6, 1, 400, 600, 500, 350, 0, 0])
-    assert picked == ["hd1", "hd2", "hd1", "hd2", "hd1", "hd2", "hd2", "hd2", "hd2"]
-    assert t.chosen == "hd2" and t.counting == ("hd2",)
-    assert t.measured_ms() == {"hd1": 400 / 4 / 1e3, "hd2": 350 / 4 / 1e3}
+    # passes: warm-up hd1, hd2 (ignored: hd2's tiny warm-up must not count), round 1 hd1, hd2,
+    # round 2 hd1, hd2. Summed over layers: hd1 400, 500 -> 400; hd2 500, 450 -> 450: hd1 wins,
+    # though layer a alone would pick hd2 (300/350 vs 100/200). The last timing (layer b, pass 5:
+    # 250) arrives at layer a's first forward of pass 6; without it hd2 would win (200 < 400).
+    times = [[10**6, 10**6], [1, 1], [300, 100], [100, 400], [350, 150], [200, 250], [9, 9], [9, 9]]
+    picked = _drive(t, ["a", "b"], times)
+    assert picked == [[s, s] for s in ["hd1", "hd2"] * 3 + ["hd1", "hd1"]]
+    assert t.chosen == "hd1" and t.layer("a").counting == ("hd1",)
+    assert t.measured_ms() == {"hd1": 400 / 4 / 1e3, "hd2": 450 / 4 / 1e3}
     assert t.extra(torch.device("cpu")).numel() == 0  # no timing travels once chosen
-    assert t.source().endswith(": hd2") and "hd1, hd2" in t.source()
+    assert t.source().endswith(": hd1") and "hd1, hd2" in t.source()
 
 
 def test_ties_go_to_the_earlier_candidate_and_extra_reports_microseconds():
     t = StrategyTrials(("hd1", "hd2", "hd3"), world_size=2)
-    assert t.counting == ("hd1", "hd2", "hd3") and t.trial_forwards == 9
+    assert t.layer("a").counting == ("hd1", "hd2", "hd3") and t.trial_forwards == 9
     assert t.extra(torch.device("cpu")).tolist() == [0]
-    t.ran(_Ms(1.25))
+    t.pick("a", [0])
+    assert t.extra(torch.device("cpu")).tolist() == [0]  # the warm-up forward reports nothing
+    t.pending = (("hd1", 1), _Ms(1.25))
     assert t.extra(torch.device("cpu")).tolist() == [1250]
-    picked = _drive(t, [0, 5, 5, 5, 30, 20, 20, 40, 20, 20])
-    assert picked[:9] == ["hd1", "hd2", "hd3"] * 3
+    t = StrategyTrials(("hd1", "hd2", "hd3"), world_size=2)
+    picked = _drive(t, ["a"], [[5], [5], [5], [30], [20], [20], [40], [20], [20], [0]])
+    assert [p[0] for p in picked] == ["hd1", "hd2", "hd3"] * 3 + ["hd2"]  # hd2 and hd3 tie at 20 us
     assert t.measured_ms() == {"hd1": 0.015, "hd2": 0.01, "hd3": 0.01}
-    assert picked[9] == "hd2"  # hd2 and hd3 tie at 20 us: the earlier one
 
 
 def _run_forwards(slow_group_size: int, topology: str, forwards: int) -> dict:
@@ -106,8 +120,8 @@ def test_auto_times_hd1_hd2_and_keeps_the_fastest(ranks, slow_group_size, winner
     loser = "hd1" if winner == "hd2" else "hd2"
     for source, defaults, measured in zip(r["sources"], r["defaults"], r["measured"]):
         assert source.startswith("measured") and source.endswith(f": {winner}") and defaults is False
-        # every rank sleeps in at least 2 delayed exchanges (dispatch + combine) of the loser's forward
-        assert measured[loser] >= 2 * 20 and measured[winner] < measured[loser], measured
+        # every rank sleeps in at least 2 delayed exchanges (dispatch + combine) per layer of the loser's pass
+        assert measured[loser] >= 2 * 20 * layers and measured[winner] < measured[loser], measured
 
 
 def test_one_level_runs_hd1_without_trials(ranks):

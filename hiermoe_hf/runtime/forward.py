@@ -64,7 +64,7 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
     row_bytes = x_TH.shape[1] * x_TH.element_size()
     meta_bytes = meta_row_bytes(K, topk_w_TK.dtype)
     predicted = {} if first.predicted_ms is None else dict(zip(first.candidates, first.predicted_ms.unbind()))
-    trials = layer.trials
+    trials = rt.trials
 
     def record(handle, spans, expert_rows=None) -> ForwardRecord:
         return ForwardRecord(
@@ -135,8 +135,8 @@ def _count(rt: Runtime, layer: LayerState, dest_chunks: tuple[torch.Tensor, ...]
     and one host read."""
     if rt.config.dispatch != "auto":
         choice = Fixed(rt.config.dispatch)
-    elif layer.trials is not None:
-        choice = layer.trials
+    elif rt.trials is not None:
+        choice = rt.trials.layer(layer.name)
     else:
         choice = Priced(tuple(rt.topology.strategies()), rt.cost_model)
     row_bytes = x_TH.shape[1] * x_TH.element_size()

@@ -74,13 +74,12 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
     groups = StageGroups(topology, rank, layout.replica, layout.replicas) if world_size > 1 else None
     runtime = Runtime(
         config, topology, rank, groups, adapter.MODEL_TYPE, _cost_model(config, topology, groups), layout,
-        ep_group, replica_group,
+        ep_group, replica_group, _trials(config, topology),
     )
     for name, block in blocks:
         experts = block.experts
         guards.refuse_adapted_experts(experts, name)
-        layer = LayerState(name, runtime, Placement.contiguous(num_experts, world_size), adapter.EXPERT_PARAMS,
-                           trials=_trials(config, topology))
+        layer = LayerState(name, runtime, Placement.contiguous(num_experts, world_size), adapter.EXPERT_PARAMS)
         if world_size > 1 and not experts_are_local:
             _shard(experts, layer.param_names, layer.local_logical())
         setattr(experts, LAYER_ATTR, layer)

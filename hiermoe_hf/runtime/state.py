@@ -36,6 +36,7 @@ class Runtime:
     layout: EPLayout | None = None  # None: one group spanning the world of topology.world_size ranks
     ep_group: object = None  # process group of this rank's expert-parallel group (None: one rank)
     replica_group: object = None  # process group of the ranks holding the same experts (None: no replicas)
+    trials: StrategyTrials | None = None  # dispatch="auto" without a cost model: the timed choice
 
     @property
     def world_size(self) -> int:
@@ -130,7 +131,6 @@ class LayerState:
     swaps: list = field(default_factory=list)
     routing: RoutingStats = field(default_factory=RoutingStats)  # recent logical top-k ids, for swaps
     record_routing: bool = False  # set by swap_experts: record even with swap_interval=0
-    trials: StrategyTrials | None = None  # dispatch="auto" without a cost model: the timed choice
 
     @property
     def local_experts(self) -> int:
