@@ -217,7 +217,8 @@ def report(args, results: dict, W: int, rate: float | None, seconds: float) -> s
         f"Link: {os.environ.get('EMULATE_CLUSTER', 'not emulated')}; machine: {platform.node()} "
         f"({os.cpu_count()} CPUs, shared), gloo, fp32; {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; "
         f"H={args.hidden}, E={args.experts}, K={args.topk}, moe_intermediate={args.intermediate}, "
-        f"{args.tokens} tokens/rank, median of {args.reps} steps after 1 warm-up; total {seconds:.0f} s.",
+        f"{args.tokens} tokens/rank, median of {args.reps} steps after 1 warm-up (new auto: and its trial steps); "
+        f"total {seconds:.0f} s.",
         "",
         "| configuration | strategy run | step s (slowest rank) | inter-node MB per node and direction | floor s |",
         "|---|---|---|---|---|",

@@ -80,6 +80,27 @@ def test_ties_go_to_the_earlier_candidate_and_extra_reports_microseconds():
     assert t.measured_ms() == {"hd1": 0.015, "hd2": 0.01, "hd3": 0.01}
 
 
+def test_recomputes_run_their_forwards_strategy_untimed():
+    """Gradient checkpointing: each step is a forward pass (a, b) and a recompute pass (b, a) inside
+    the backward; the recomputes follow their forwards and their (huge) times never count."""
+    t = StrategyTrials(("hd1", "hd2"), world_size=1)
+    fwd = [[10**6, 10**6], [1, 1], [300, 100], [100, 400], [350, 150], [200, 250], [9, 9]]
+    prev, runs = 0, []
+    for row in fwd:
+        step = []
+        for layer, us in zip("ab", row):
+            step.append(t.pick(layer, [prev] if t.chosen is None else []))
+            t.ran(_Ms(us / 1e3))
+            prev = us
+        for layer in "ba":
+            step.append(t.pick(layer, [prev] if t.chosen is None else [], recompute=True))
+            t.ran(_Ms(10**9))
+            prev = 10**9  # what a recompute's forward would report: must not be counted
+        runs.append(step)
+    assert runs == [[s] * 4 for s in ["hd1", "hd2"] * 3 + ["hd1"]]
+    assert t.forwards == {"a": 7, "b": 7} and t.measured_ms() == {"hd1": 0.4, "hd2": 0.45}
+
+
 def _run_forwards(slow_group_size: int, topology: str, forwards: int) -> dict:
     """``forwards`` forwards of a patched tiny Qwen3-MoE with ``slow_group_size`` groups delayed."""
     orig = dist.all_to_all_single
@@ -122,6 +143,41 @@ def test_auto_times_hd1_hd2_and_keeps_the_fastest(ranks, slow_group_size, winner
         assert source.startswith("measured") and source.endswith(f": {winner}") and defaults is False
         # every rank sleeps in at least 2 delayed exchanges (dispatch + combine) per layer of the loser's pass
         assert measured[loser] >= 2 * 20 * layers and measured[winner] < measured[loser], measured
+
+
+def _train_checkpointed(slow_group_size: int, steps: int) -> list[list[str]]:
+    """``steps`` training steps under gradient checkpointing; strategies after each backward (the
+    recompute's, which must be its forward's)."""
+    orig = dist.all_to_all_single
+
+    def delayed(out, inp, *args, group=None, **kwargs):
+        if group is not None and dist.get_world_size(group) == slow_group_size:
+            time.sleep(0.02)
+        return orig(out, inp, *args, group=group, **kwargs)
+
+    dist.all_to_all_single = delayed
+    try:
+        model = build_model(tiny_qwen3_moe_config())
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology="2x2"))
+        runs = []
+        for i in range(steps):
+            ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(100 * i + dist.get_rank()))
+            model(ids, labels=ids).loss.backward()
+            runs.append([(v["strategy"], v["recompute"]) for v in hiermoe_hf.stats(model).values()])
+        return runs
+    finally:
+        dist.all_to_all_single = orig
+
+
+def test_auto_under_gradient_checkpointing(ranks):
+    trial = 2 * (1 + TIMED_ROUNDS)
+    results = ranks(4).run(_train_checkpointed, 4, trial + 1)
+    assert all(r == results[0] for r in results)
+    layers = len(results[0][0])
+    expected = ["hd1", "hd2"] * (1 + TIMED_ROUNDS) + ["hd2"]
+    assert results[0] == [[(s, True)] * layers for s in expected]
 
 
 def test_one_level_runs_hd1_without_trials(ranks):

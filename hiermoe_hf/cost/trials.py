@@ -19,7 +19,8 @@ step waits for; one layer's few milliseconds are too noisy to decide alone). The
 each strategy's one-time costs (process-group connections, allocator growth) and is not counted; a
 candidate's time is its fastest timed round (noise from other work only ever adds time). Since each
 pass visits every layer before the next pass starts, the first layer of the pass after the last
-timed round has every timing when it decides, for all layers.
+timed round has every timing when it decides, for all layers. A gradient-checkpointing recompute
+runs the strategy of the forward it recomputes and is neither scheduled nor timed.
 
 Candidates are the de-duplicating strategies ``hd1 .. hdD``: ``a2a`` exchanges over the same single
 stage as ``hd1`` and ``2dh`` over the same stages as ``hd2``, each without de-duplication, so they
@@ -50,7 +51,8 @@ class StrategyTrials:
     (which every rank runs, in the same order) and on sums every rank reads alike.
 
     candidates: strategies to time, ``trial_candidates``; world_size: ranks whose microseconds are
-    summed (the expert-parallel group); forwards: layer name -> its forwards so far; pending: (the
+    summed (the expert-parallel group); forwards: layer name -> its forwards so far (recomputes
+    excluded); current: layer name -> the strategy of its latest forward; pending: (the
     round the previous MoE forward timed, or None, and its ``runtime.state.Elapsed``), reported at
     the next count exchange; timed_us: (candidate, round) -> microseconds summed over layers and
     ranks; chosen: the winner once every round is in.
@@ -59,6 +61,7 @@ class StrategyTrials:
     candidates: tuple[str, ...]
     world_size: int
     forwards: dict[str, int] = field(default_factory=dict)
+    current: dict[str, str] = field(default_factory=dict)
     pending: tuple | None = None
     timed_us: dict[tuple[str, int], int] = field(default_factory=dict)
     chosen: str | None = None
@@ -68,29 +71,37 @@ class StrategyTrials:
         """Forwards of each layer that run under trial (warm-up and timed rounds)."""
         return len(self.candidates) * (1 + TIMED_ROUNDS)
 
-    def layer(self, name: str) -> "LayerTrial":
-        """The choice protocol of ``exchange.layer_counts.exchange_chunk_counts`` for one layer."""
-        return LayerTrial(self, name)
+    def layer(self, name: str, recompute: bool = False) -> "LayerTrial":
+        """The choice protocol of ``exchange.layer_counts.exchange_chunk_counts`` for one layer's forward."""
+        return LayerTrial(self, name, recompute)
 
     def extra(self, device: torch.device) -> torch.Tensor:
         """int64 [1] (this rank's microseconds of the previous MoE forward; 0 when it timed nothing)
         while choosing; int64 [0] once chosen."""
         if self.chosen is not None:
             return torch.zeros(0, dtype=torch.int64, device=device)
-        us = 0 if self.pending is None or self.pending[0] is None else round(1e3 * self.pending[1].ms())
+        timed = self.pending is not None and self.pending[0] is not None and self.pending[1] is not None
+        us = round(1e3 * self.pending[1].ms()) if timed else 0  # None: that forward raised before its end
         return torch.tensor([us], dtype=torch.int64, device=device)
 
-    def pick(self, layer: str, summed_us: list[int]) -> str:
-        """The strategy of ``layer``'s forward, given the count exchange's sum of ``extra``; advances."""
+    def pick(self, layer: str, summed_us: list[int], recompute: bool = False) -> str:
+        """The strategy of ``layer``'s forward, given the count exchange's sum of ``extra``; advances.
+
+        A gradient-checkpointing recompute (``recompute``) runs the strategy of the layer's forward it
+        recomputes and is neither scheduled nor timed (torch may stop it early, and its exchange
+        belongs to the step of that forward)."""
         if self.pending is not None and self.pending[0] is not None:
             key = self.pending[0]
             self.timed_us[key] = self.timed_us.get(key, 0) + summed_us[0]
         self.pending = None
+        if recompute:
+            return self.chosen or self.current.get(layer, self.candidates[0])
         f = self.forwards.get(layer, 0)
         self.forwards[layer] = f + 1
         if self.chosen is None and f < self.trial_forwards:
             name, rnd = self.candidates[f % len(self.candidates)], f // len(self.candidates)
             self.pending = ((name, rnd) if rnd >= 1 else None, None)
+            self.current[layer] = name
             return name
         if self.chosen is None:
             best = self.measured_ms()
@@ -126,6 +137,7 @@ class LayerTrial:
 
     trials: StrategyTrials
     name: str
+    recompute: bool = False
 
     @property
     def counting(self) -> tuple[str, ...]:
@@ -140,4 +152,4 @@ class LayerTrial:
         return None, None  # chosen on the host, from the timings the count exchange brings
 
     def pick(self, head: int | None, summed_us: list[int]) -> str:
-        return self.trials.pick(self.name, summed_us)
+        return self.trials.pick(self.name, summed_us, self.recompute)

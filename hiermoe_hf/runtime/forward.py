@@ -57,7 +57,7 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
     x_TH = hidden_TH.to(_compute_dtype(hidden_TH))
     sum_dtype = torch.promote_types(hidden_TH.dtype, getattr(self, layer.param_names[0]).dtype)
     C = rt.config.overlap_chunks
-    chunk_counts = _count(rt, layer, torch.tensor_split(phys_TK // e, C), x_TH)  # one collective, one read
+    chunk_counts = _count(rt, layer, recompute, torch.tensor_split(phys_TK // e, C), x_TH)  # one collective, one read
     first = chunk_counts[0]
     strategy = first.strategy
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
@@ -130,13 +130,15 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _count(rt: Runtime, layer: LayerState, dest_chunks: tuple[torch.Tensor, ...], x_TH: torch.Tensor) -> list[LayerCounts]:
+def _count(
+    rt: Runtime, layer: LayerState, recompute: bool, dest_chunks: tuple[torch.Tensor, ...], x_TH: torch.Tensor
+) -> list[LayerCounts]:
     """Split sizes of every stage of every chunk (and, for ``auto``, the choice) from one collective
     and one host read."""
     if rt.config.dispatch != "auto":
         choice = Fixed(rt.config.dispatch)
     elif rt.trials is not None:
-        choice = rt.trials.layer(layer.name)
+        choice = rt.trials.layer(layer.name, recompute)
     else:
         choice = Priced(tuple(rt.topology.strategies()), rt.cost_model)
     row_bytes = x_TH.shape[1] * x_TH.element_size()
