@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NEW = [(f"new {s} x{c}", "new", s, c) for c in (1, 4) for s in ("a2a", "hd1", "hd2", "auto")]
+NEW = [(f"new {s} x{c}", "new", s, c) for c in (1, 4, 8) for s in ("a2a", "hd1", "hd2", "auto")]
 OLD = [(f"old {s}", "old", s, 1) for s in ("a2a", "hd1", "hd2", "auto")]
 HF = [("transformers all_to_all", "hf", "all_to_all", 1), ("transformers all_reduce", "hf", "all_reduce", 1)]
 
@@ -164,10 +164,10 @@ def worker(args, group: str) -> dict:
 def _warmup_steps(model) -> int:
     """One warm-up step, plus the forwards in which ``auto`` times its candidates (cost/trials.py;
     checkouts before it have none)."""
-    from hiermoe_hf.runtime.registry import moe_layers
+    from hiermoe_hf.runtime.registry import runtime_of
 
-    trials = [getattr(layer, "trials", None) for _, layer in moe_layers(model).values()]
-    return 1 + max((t.trial_forwards for t in trials if t is not None and t.chosen is None), default=0)
+    trials = getattr(runtime_of(model), "trials", None)
+    return 1 + (trials.trial_forwards if trials is not None and trials.chosen is None else 0)
 
 
 def _wanted(args, label: str) -> bool:

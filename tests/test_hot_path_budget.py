@@ -94,12 +94,15 @@ def _watch_forwards(model, counter: Counter, hooks: bool = False) -> None:
         experts.forward = fwd
 
 
-def count_step(model_name: str, strategy: str, overlap_chunks: int | None = None, meter: bool = False) -> dict:
+def count_step(
+    model_name: str, strategy: str, overlap_chunks: int | None = None, meter: bool = False,
+    cost_model: str | None = "hiermoe-paper", warmup_steps: int = 1,
+) -> dict:
     cfg = tiny_qwen3_moe_config() if model_name == "qwen3_moe" else tiny_deepseek_v3_config()
     model = build_model(cfg).train()
     kw = {} if overlap_chunks is None else {"overlap_chunks": overlap_chunks}
     cfg = hiermoe_hf.HierMoEConfig(
-        topology="2x2", dispatch=strategy, kernels="torch", cost_model="hiermoe-paper", **kw
+        topology="2x2", dispatch=strategy, kernels="torch", cost_model=cost_model, **kw
     )
     hiermoe_hf.patch(model, cfg)
     if meter:  # what the plugin and the callback attach: it must add no host read per layer
@@ -107,7 +110,8 @@ def count_step(model_name: str, strategy: str, overlap_chunks: int | None = None
 
         TrafficMeter(model)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5 + dist.get_rank()))
-    model(ids, labels=ids).loss.backward()  # warm-up: lazily built state is not the per-step cost
+    for _ in range(warmup_steps):  # warm-up: lazily built state is not the per-step cost
+        model(ids, labels=ids).loss.backward()
     model.zero_grad()
     fwd, bwd = Counter(), Counter()
     with fwd.installed():
@@ -129,9 +133,18 @@ def count_step(model_name: str, strategy: str, overlap_chunks: int | None = None
     }
 
 
+COSTS = ("collectives", "forward_reads", "backward_reads", "hidden_syncs")
+
+
 def _per_layer(result: dict) -> dict:
-    L = result["layers"]
-    return {k: result[k] / L for k in ("collectives", "forward_reads", "backward_reads", "hidden_syncs")}
+    return {k: result[k] / result["layers"] for k in COSTS}
+
+
+def _assert_costs_what_it_ran(r: dict, fixed: dict) -> None:
+    """``auto``'s step costs exactly the sum of the fixed strategies' per-layer costs it ran."""
+    want = {k: sum(fixed[s][k] for s in r["strategies"]) for k in COSTS}
+    got = {k: r[k] for k in COSTS}
+    assert got == want, (r["strategies"], got, want, r["calls"])
 
 
 @pytest.mark.parametrize("model_name", ["qwen3_moe", "deepseek_v3"])
@@ -149,9 +162,21 @@ def test_budgets_per_strategy_and_auto_free(ranks, model_name):
             assert r["strategies"] == [strategy] * r["layers"]
         fixed[strategy] = _per_layer(results[0])
     for r in pool.run(count_step, model_name, "auto"):
-        want = {k: sum(fixed[s][k] for s in r["strategies"]) for k in fixed["a2a"]}
-        got = {k: r[k] for k in ("collectives", "forward_reads", "backward_reads", "hidden_syncs")}
-        assert got == want, (r["strategies"], got, want, r["calls"])
+        _assert_costs_what_it_ran(r, fixed)
+
+
+@pytest.mark.parametrize("model_name", ["qwen3_moe", "deepseek_v3"])
+def test_timed_auto_is_free_during_and_after_its_trials(ranks, model_name):
+    """``auto`` without a cost model (``cost/trials.py``): its timings ride in the count exchange, so
+    a step during the trials (the second: every layer runs hd2) and one after the choice cost
+    exactly what the strategy they ran costs."""
+    pool = ranks(4)
+    fixed = {s: _per_layer(pool.run(count_step, model_name, s)[0]) for s in ("hd1", "hd2")}
+    for warmup, during in ((1, True), (7, False)):
+        for r in pool.run(count_step, model_name, "auto", cost_model=None, warmup_steps=warmup):
+            if during:
+                assert r["strategies"] == ["hd2"] * r["layers"], r["strategies"]
+            _assert_costs_what_it_ran(r, fixed)
 
 
 @pytest.mark.parametrize("model_name", ["qwen3_moe", "deepseek_v3"])
