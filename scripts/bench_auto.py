@@ -31,8 +31,10 @@ SUMMARY = {
 }
 
 
-def run_once(repo: str, dispatch: str, rate: str, steps: int, port: int, python: str) -> dict:
-    """One fine-tune on the emulated cluster; its summary's throughput and strategies."""
+def run_once(repo: str, config: str, rate: str, steps: int, port: int, python: str) -> dict:
+    """One fine-tune on the emulated cluster; its summary's throughput and strategies. ``config``:
+    a strategy, or ``STRATEGY:COST_MODEL`` (e.g. ``auto:calibrate``, given as HIERMOE_COST_MODEL)."""
+    dispatch, _, cost_model = config.partition(":")
     with tempfile.TemporaryDirectory(prefix="bench_auto_") as out_dir:
         cmd = [
             os.path.join(REPO, "scripts", "emulate_cluster"), "--nodes", "2", "--ranks-per-node", "2",
@@ -41,6 +43,8 @@ def run_once(repo: str, dispatch: str, rate: str, steps: int, port: int, python:
             "--output-dir", out_dir,
         ]
         env = dict(os.environ, PYTHONPATH=repo, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        if cost_model:
+            env["HIERMOE_COST_MODEL"] = cost_model
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -60,7 +64,9 @@ def run_once(repo: str, dispatch: str, rate: str, steps: int, port: int, python:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="200mbit,1gbit", help="comma-separated tc rates")
-    p.add_argument("--dispatch", default="auto,hd1,hd2", help="comma-separated strategies of this checkout")
+    p.add_argument("--dispatch", default="auto,hd1,hd2",
+                   help="comma-separated configurations of this checkout: a strategy, or STRATEGY:COST_MODEL "
+                        "(e.g. auto:calibrate)")
     p.add_argument("--old-repo", default=None, help="another checkout whose `auto` runs in the same repetitions")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=30, help="--max-steps of the fine-tune (README: 30)")
