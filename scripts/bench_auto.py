@@ -96,7 +96,8 @@ def main(argv=None) -> None:
             tps = [r["tokens_per_s"] for r in mine]
             med = statistics.median(tps)
             table.append({"rate": rate, "code": label, "dispatch": dispatch, "median_tokens_per_s": med})
-            print(f"| {label} | {dispatch} | {mine[-1]['strategies']} | {', '.join(f'{t:,}' for t in tps)} | {med:,.0f} |")
+            runs_text = ", ".join(f"{t:,}" for t in tps)
+            print(f"| {label} | {dispatch} | {mine[-1]['strategies']} | {runs_text} | {med:,.0f} |")
     with open(args.out, "w") as f:
         json.dump({"argv": sys.argv[1:], "steps": args.steps, "runs": runs, "medians": table}, f, indent=1)
         f.write("\n")

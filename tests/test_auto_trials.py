@@ -4,8 +4,9 @@ keeps the fastest (issue 13 item 6, ``cost/trials.py``).
 The oracle of the distributed test is a delay the test injects into one kind of stage group: 20 ms
 in every ``all_to_all_single`` of the 4-rank group (only ``hd1``'s flat stage has one) or of the
 2-rank groups (only ``hd2``'s stages): the strategy without the delay must win, on every rank and
-layer, after exactly the announced trial forwards. The unit tests drive the schedule by hand. Default constants (the code before the change)
-pick the same strategy whatever the links do, so one of the two cases fails on it.
+layer, after exactly the announced trial forwards. Default constants (the code before the change)
+pick the same strategy whatever the links do, so one of the two cases fails on it. The unit tests
+drive the schedule by hand.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ brings back the choice and the split sizes of all stages together. Nothing else 
 reads the device. The choice is one of three (``exchange_chunk_counts``' ``choice``): ``Fixed``;
 ``Priced`` (``auto`` with a cost model: the candidates priced on the device by
 ``pricing.forward_exchange_seconds``, identical float arithmetic on identical inputs, ``argmin``
-breaking ties towards the earlier candidate); ``cost.trials.StrategyTrials`` (``auto`` without
+breaking ties towards the earlier candidate); ``cost.trials.LayerTrial`` (``auto`` without
 one: the previous forward's timing rides in extra slots of the same vector).
 
 Shapes: W ranks, S group members, T tokens, K selections, C candidates.
@@ -175,7 +175,7 @@ def exchange_chunk_counts(
     chunk's split sizes still come from one collective and one host read; a priced choice prices the
     whole layer (the chunks' counts summed), so chunking never changes it.
 
-    choice: ``Fixed``, ``Priced`` or ``cost.trials.StrategyTrials``: which strategies to count
+    choice: ``Fixed``, ``Priced`` or ``cost.trials.LayerTrial``: which strategies to count
     (``counting``), this rank's extra int64 slots summed with the counts (``extra``: a trial's
     timing), the device-side choice (``head``) and the strategy from what the host read
     (``pick``).

@@ -57,7 +57,7 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
     x_TH = hidden_TH.to(_compute_dtype(hidden_TH))
     sum_dtype = torch.promote_types(hidden_TH.dtype, getattr(self, layer.param_names[0]).dtype)
     C = rt.config.overlap_chunks
-    chunk_counts = _count(rt, layer, recompute, torch.tensor_split(phys_TK // e, C), x_TH)  # one collective, one read
+    chunk_counts = _count(rt, layer, recompute, torch.tensor_split(phys_TK // e, C), x_TH)  # 1 collective, 1 read
     first = chunk_counts[0]
     strategy = first.strategy
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
