@@ -11,6 +11,7 @@ drive the schedule by hand.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -102,8 +103,9 @@ def test_recomputes_run_their_forwards_strategy_untimed():
     assert t.forwards == {"a": 7, "b": 7} and t.measured_ms() == {"hd1": 0.4, "hd2": 0.45}
 
 
-def _run_forwards(slow_group_size: int, topology: str, forwards: int) -> dict:
-    """``forwards`` forwards of a patched tiny Qwen3-MoE with ``slow_group_size`` groups delayed."""
+@contextlib.contextmanager
+def _delayed_groups(slow_group_size: int):
+    """Every ``all_to_all_single`` in a group of ``slow_group_size`` ranks sleeps 20 ms first."""
     orig = dist.all_to_all_single
 
     def delayed(out, inp, *args, group=None, **kwargs):
@@ -113,6 +115,14 @@ def _run_forwards(slow_group_size: int, topology: str, forwards: int) -> dict:
 
     dist.all_to_all_single = delayed
     try:
+        yield
+    finally:
+        dist.all_to_all_single = orig
+
+
+def _run_forwards(slow_group_size: int, topology: str, forwards: int) -> dict:
+    """``forwards`` forwards of a patched tiny Qwen3-MoE with ``slow_group_size`` groups delayed."""
+    with _delayed_groups(slow_group_size):
         model = build_model(tiny_qwen3_moe_config())
         hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=topology))
         runs = []
@@ -127,8 +137,6 @@ def _run_forwards(slow_group_size: int, topology: str, forwards: int) -> dict:
             "defaults": [v["cost_model_defaults"] for v in last.values()],
             "measured": [v["measured_ms_by_strategy"] for v in last.values()],
         }
-    finally:
-        dist.all_to_all_single = orig
 
 
 @pytest.mark.parametrize("slow_group_size,winner", [(4, "hd2"), (2, "hd1")])
@@ -149,15 +157,7 @@ def test_auto_times_hd1_hd2_and_keeps_the_fastest(ranks, slow_group_size, winner
 def _train_checkpointed(slow_group_size: int, steps: int) -> list[list[str]]:
     """``steps`` training steps under gradient checkpointing; strategies after each backward (the
     recompute's, which must be its forward's)."""
-    orig = dist.all_to_all_single
-
-    def delayed(out, inp, *args, group=None, **kwargs):
-        if group is not None and dist.get_world_size(group) == slow_group_size:
-            time.sleep(0.02)
-        return orig(out, inp, *args, group=group, **kwargs)
-
-    dist.all_to_all_single = delayed
-    try:
+    with _delayed_groups(slow_group_size):
         model = build_model(tiny_qwen3_moe_config())
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -168,8 +168,6 @@ def _train_checkpointed(slow_group_size: int, steps: int) -> list[list[str]]:
             model(ids, labels=ids).loss.backward()
             runs.append([(v["strategy"], v["recompute"]) for v in hiermoe_hf.stats(model).values()])
         return runs
-    finally:
-        dist.all_to_all_single = orig
 
 
 def test_auto_under_gradient_checkpointing(ranks):
