@@ -11,7 +11,17 @@ import tempfile
 
 import pytest
 import torch
-from ep_oracle import LR, TRAINER_ROW_LEN, SameRow, micro, probe, reference_run, rel, trainer_row
+from ep_oracle import (
+    LR,
+    TRAINER_ROW_LEN,
+    SameRow,
+    micro,
+    needs_cpu_trainer_resume,
+    probe,
+    reference_run,
+    rel,
+    trainer_row,
+)
 
 import hiermoe_hf
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
@@ -164,6 +174,7 @@ def peft_trainer_job(output_dir, resume=None):
     return logits, placements, sorted(os.listdir(os.path.join(output_dir, f"checkpoint-{TR_STEPS}")))
 
 
+@needs_cpu_trainer_resume
 def test_trainer_callback_on_a_peft_model_trains_saves_adapters_and_resumes(ranks):
     with tempfile.TemporaryDirectory() as tmp:
         full = ranks(2).run(peft_trainer_job, os.path.join(tmp, "full"))

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 
 import torch
-from ep_oracle import probe, rel
+from ep_oracle import needs_cpu_trainer_resume, probe, rel
 
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
@@ -64,6 +64,7 @@ def trainer_job(output_dir, resume=None, seed=0):
     return logits, placements, routing, cb.step, cb.swaps_done
 
 
+@needs_cpu_trainer_resume
 def test_trainer_resume_from_checkpoint_equals_the_uninterrupted_run(ranks):
     pool = ranks(2)
     with tempfile.TemporaryDirectory() as tmp:
