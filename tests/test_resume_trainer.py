@@ -12,23 +12,11 @@ import shutil
 import tempfile
 
 import torch
-from ep_oracle import needs_cpu_trainer_resume, probe, rel
+from ep_oracle import SameRow, needs_cpu_trainer_resume, probe, rel
 
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
-STEPS, SAVE_AT, PER_DEVICE, L, LR = 4, 2, 2, 12, 1e-2
-
-
-def _row() -> torch.Tensor:
-    return torch.randint(0, 256, (L,), generator=torch.Generator().manual_seed(3))
-
-
-class _SameRow(torch.utils.data.Dataset):
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, i):
-        return {"input_ids": _row(), "labels": _row()}
+STEPS, SAVE_AT, PER_DEVICE, LR = 4, 2, 2, 1e-2
 
 
 def trainer_job(output_dir, resume=None, seed=0):
@@ -51,7 +39,7 @@ def trainer_job(output_dir, resume=None, seed=0):
     # "load" swaps whenever it evens the load: placements surely change on a toy model
     cb = HierMoECallback(topology="1x2", dispatch="a2a", swap_interval=1, swap_policy="load", swap_pairs=2)
     model = build_model(tiny_qwen3_moe_config(output_router_logits=False), seed=seed).train()
-    trainer = Trainer(model=model, args=args, train_dataset=_SameRow(), callbacks=[cb])
+    trainer = Trainer(model=model, args=args, train_dataset=SameRow(), callbacks=[cb])
     try:
         trainer.train(resume_from_checkpoint=resume)
     except ValueError as err:

@@ -13,29 +13,18 @@ import tempfile
 
 import pytest
 import torch
+from ep_oracle import TRAINER_ROW_LEN, SameRow, trainer_row
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
-STEPS, PER_DEVICE, L, LR, MAX_NORM = 3, 2, 12, 1e-2, 0.1
+STEPS, PER_DEVICE, LR, MAX_NORM = 3, 2, 1e-2, 0.1
 
 
 def _config():
     # No aux loss: Trainer scales the whole loss by W when it averages tokens across devices, which
     # would multiply the (per-rank) aux term by W under plain DDP too; CE alone has exact semantics.
     return tiny_qwen3_moe_config(output_router_logits=False)
-
-
-def _row() -> torch.Tensor:
-    return torch.randint(0, 256, (L,), generator=torch.Generator().manual_seed(3))
-
-
-class _SameRow(torch.utils.data.Dataset):
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, i):
-        return {"input_ids": _row(), "labels": _row()}
 
 
 def _probe() -> torch.Tensor:
@@ -60,7 +49,7 @@ def trainer_job(output_dir, callback_kw):
         disable_tqdm=True, dataloader_drop_last=True, seed=0,
     )
     callback = HierMoECallback(topology="1x2", dispatch="a2a", **callback_kw)
-    trainer = Trainer(model=build_model(_config()).train(), args=args, train_dataset=_SameRow(), callbacks=[callback])
+    trainer = Trainer(model=build_model(_config()).train(), args=args, train_dataset=SameRow(), callbacks=[callback])
     trainer.train()
     model = trainer.model.eval()
     with torch.no_grad():
@@ -75,7 +64,7 @@ def reference_model():
     model = build_model(_config()).train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     sched = get_linear_schedule_with_warmup(opt, 0, STEPS)
-    batch = _row().expand(2 * PER_DEVICE, L)
+    batch = trainer_row().expand(2 * PER_DEVICE, TRAINER_ROW_LEN)
     for _ in range(STEPS):
         model(input_ids=batch, labels=batch).loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
