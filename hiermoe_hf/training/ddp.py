@@ -13,6 +13,7 @@ steps are idempotent, so the plugin, the callback and ``all_reduce_gradients`` n
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from hiermoe_hf.runtime.registry import runtime_of, unwrap
@@ -49,6 +50,25 @@ def keep_experts_out_of_ddp(model: torch.nn.Module) -> list[str]:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(inner, merged)
     inner.__dict__.setdefault(_IGNORED_ATTR, set()).update(ours)
     return names
+
+
+def dense_requires_grad(model: torch.nn.Module) -> bool:
+    """Whether a DDP wrapper would have a gradient to average: a parameter outside the expert slices
+    (which DDP ignores) requires grad. False when only the routed experts train; DDP then refuses to
+    be built ("DistributedDataParallel is not needed when a module doesn't have any parameter that
+    requires a gradient"), and the expert slices need no wrapper (their grads are summed by the combine's
+    backward and divided by W by their hooks)."""
+    experts = {id(p) for p in expert_parameters(model)}
+    return any(p.requires_grad and id(p) not in experts for p in model.parameters())
+
+
+def broadcast_dense_state(model: torch.nn.Module) -> None:
+    """What DDP's constructor does, for a model trained without it: every dense parameter and buffer
+    takes rank 0's value (expert slices differ per rank by design and stay). Collective, once."""
+    experts = {id(p) for p in expert_parameters(model)}
+    with torch.no_grad():
+        for tensor in [p for p in model.parameters() if id(p) not in experts] + list(model.buffers()):
+            dist.broadcast(tensor.data, src=0)
 
 
 def scale_grad_by_world(p: torch.nn.Parameter, world: int) -> bool:

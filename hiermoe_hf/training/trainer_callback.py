@@ -5,15 +5,20 @@
     trainer.train()
     trainer.model.save_pretrained(out_dir)   # on every rank: a patched model saves collectively
 
-A callback sees the model and optimizer but not the Trainer, so each duty hangs on an event:
+A callback sees the model and optimizer but not the Trainer, so each duty hangs on an event (the
+Trainer instance itself is taken once, in ``on_init_end``, from its running ``__init__``):
 - ``on_init_end`` (end of ``Trainer.__init__``, before the optimizer and DDP exist): patch the model,
-  keep the expert slices out of DDP, scale their grads by 1/W, and take over gradient clipping:
-  ``args.max_grad_norm`` is moved into the callback (the Trainer's own clip would use a rank-local
-  norm) and applied in ``on_pre_optimizer_step`` with the global norm.
+  keep the expert slices out of DDP (no DDP at all when only expert slices train: it would have
+  nothing to average and refuses that), scale their grads by 1/W, and make this Trainer instance's
+  gradient norm the global one: its ``accelerator.clip_grad_norm_`` (which the Trainer calls to clip
+  with ``max_grad_norm``, and with ``inf`` just to log the norm when ``max_grad_norm=0``) sums the
+  expert part over the ranks, so the clip and the logged ``grad_norm`` are single-process values.
 - ``on_optimizer_step``: the expert swap every ``swap_interval`` steps, and the traffic counters.
 - checkpoints: the Trainer writes the model from rank 0 alone, which would deadlock a collective
   save. That rank-0 call is deferred and ``on_save`` (reached by every rank) does the real save.
-- ``on_log``: HierMoE metrics join the Trainer's logs.
+- logs: this Trainer instance's ``log`` merges the HierMoE metrics into the training logs before
+  ``Trainer.log`` records them, so they reach ``log_history``, ``trainer_state.json`` and every
+  ``report_to`` integration (``on_log`` would come after the Trainer copied its logs).
 - resume: ``on_save`` also writes this rank's expert slices, their optimizer state, the placements and
   the routing window (``checkpoint/rank_state.py``) into the checkpoint folder; ``on_train_begin`` of
   ``trainer.train(resume_from_checkpoint=...)`` puts them back over what the Trainer loaded (rank 0's
@@ -28,7 +33,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from hiermoe_hf.checkpoint.rank_state import RankStateStore
 from hiermoe_hf.config import HierMoEConfig
@@ -37,7 +42,12 @@ from hiermoe_hf.runtime.registry import is_patched, patched_module, runtime_of
 from hiermoe_hf.runtime.registry import world as world_and_rank
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin
-from hiermoe_hf.training.ddp import divide_expert_grads_by_world, keep_experts_out_of_ddp
+from hiermoe_hf.training.ddp import (
+    broadcast_dense_state,
+    dense_requires_grad,
+    divide_expert_grads_by_world,
+    keep_experts_out_of_ddp,
+)
 from hiermoe_hf.training.expert_dp import ExpertGradSync
 from hiermoe_hf.training.fsdp import shard_dense
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
@@ -63,7 +73,6 @@ class HierMoECallback(TrainerCallback):
                 raise TypeError(f"config must be a hiermoe_hf.HierMoEConfig, got {type(config).__name__}")
             plugin_fields = {k: getattr(config, k) for k in config.__dataclass_fields__}
         self.settings = HierMoEPlugin(**plugin_fields)
-        self.max_grad_norm = 0.0
         self.last_grad_norm: float | None = None
         self.step = 0
         self.swaps_done = 0
@@ -75,10 +84,12 @@ class HierMoECallback(TrainerCallback):
         self._deferred_dir: str | None = None
         self._store: RankStateStore | None = None
         self._collective_save = True
+        self._without_ddp = False
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("HierMoECallback needs Trainer(model=...); model_init is not supported")
+        trainer = _trainer_being_built()
         world, _ = world_and_rank()
         for option in ("deepspeed", "fsdp"):
             if getattr(args, option, None):
@@ -106,6 +117,12 @@ class HierMoECallback(TrainerCallback):
             model._is_accelerate_prepared = True
         elif world > 1:
             keep_experts_out_of_ddp(model)
+            if not dense_requires_grad(model):
+                # Only expert slices train (DDP ignores them): DDP would have no gradient to average and
+                # refuses to be built. Without it, do what its constructor does: rank 0's dense state everywhere.
+                broadcast_dense_state(model)
+                model._is_accelerate_prepared = True  # Accelerate's marker: registered, not wrapped
+                self._without_ddp = True
         if world > 1:
             divide_expert_grads_by_world(model)
         self._expert_sync = ExpertGradSync(model)  # replicas of the expert-parallel group (ep_size < W)
@@ -113,13 +130,49 @@ class HierMoECallback(TrainerCallback):
             from hiermoe_hf.swap.round import swap_experts  # noqa: F401  (fail now, not at the first swap)
         self.model = model
         self._meter = TrafficMeter(model)
-        self.max_grad_norm = args.max_grad_norm or 0.0
-        args.max_grad_norm = 0.0  # the Trainer's clip would use a rank-local norm; on_pre_optimizer_step clips
+        self._clip_with_global_norm(trainer)
+        self._log_metrics_through(trainer)
         self._wrap_save_pretrained(model)
         return control
 
+    def _clip_with_global_norm(self, trainer: Trainer) -> None:
+        """The Trainer clips (``max_grad_norm > 0``) and measures the norm it logs (``max_grad_norm=0``:
+        a clip at ``inf``) through ``accelerator.clip_grad_norm_``, or, when FSDP2 shards the dense part,
+        its ``_mixed_mesh_grad_norm``: both become the global-norm clip, on this instance only."""
+        accelerator, model = trainer.accelerator, self.model
+
+        def clip_grad_norm_(parameters, max_norm, norm_type=2.0):
+            agree_before_unscale(accelerator.scaler, model)  # fp16: every rank skips a non-finite step alike
+            accelerator.unscale_gradients()
+            self._expert_sync()  # the norm of the replica-summed expert grads, as the step will see them
+            norm = grad_clip.clip_grad_norm_(parameters, max_norm, norm_type, model=model)
+            self.last_grad_norm = float(norm)
+            return norm
+
+        accelerator.clip_grad_norm_ = clip_grad_norm_
+        if hasattr(trainer, "_mixed_mesh_grad_norm"):
+            trainer._mixed_mesh_grad_norm = lambda wrapped, max_norm: clip_grad_norm_(wrapped.parameters(), max_norm)
+
+    def _log_metrics_through(self, trainer: Trainer) -> None:
+        """``Trainer.log`` appends its logs to ``log_history`` and hands them to the integrations before
+        any ``on_log``: the metrics join the training logs (those with "loss") before it runs."""
+        original = trainer.log
+
+        def log(logs, *args, **kwargs):
+            if "loss" in logs:
+                logs.update(self.metrics)
+            return original(logs, *args, **kwargs)
+
+        trainer.log = log
+
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self._in_train = True
+        if self._without_ddp and dense_requires_grad(self.model):
+            raise ValueError(
+                "HierMoECallback: a parameter outside the expert slices was unfrozen after the Trainer was built; "
+                "only expert slices trained then, so no DDP wrapper averages dense gradients. Set requires_grad "
+                "before creating the Trainer"
+            )
         if runtime_of(self.model).world_size == 1:
             return control
         inner = getattr(optimizer, "optimizer", optimizer)
@@ -151,14 +204,10 @@ class HierMoECallback(TrainerCallback):
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        scaler = agree_before_unscale(getattr(optimizer, "scaler", None), self.model)  # fp16: skip on all ranks
+        # Both idempotent, done already by the clip when the Trainer called it (it always does on 5.17-5.24).
+        agree_before_unscale(getattr(optimizer, "scaler", None), self.model)  # fp16: skip on all ranks
         if self._expert_sync is not None:
-            self._expert_sync()  # expert grads summed over the replicas, before the clip and the step
-        if self.max_grad_norm > 0:
-            if scaler is not None:  # fp16: clip the true gradients, as accelerator.clip_grad_norm_ would
-                scaler.unscale_(optimizer.optimizer)
-            norm = grad_clip.clip_grad_norm_(self.model.parameters(), self.max_grad_norm, model=self.model)
-            self.last_grad_norm = float(norm)
+            self._expert_sync()  # expert grads summed over the replicas, before the step
         return control
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -168,13 +217,6 @@ class HierMoECallback(TrainerCallback):
         self.swaps_done, self.metrics = after_optimizer_step(
             self.model, optimizer, self.step, self.settings.swap_interval, self._meter, self.swaps_done
         )
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.metrics and "loss" in logs:  # training logs, not the end-of-run summary
-            logs.update(self.metrics)
-            if self.last_grad_norm is not None and "grad_norm" not in logs:
-                logs["grad_norm"] = self.last_grad_norm
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -216,6 +258,21 @@ class HierMoECallback(TrainerCallback):
             return original(save_directory, *args, **kwargs)
 
         model.save_pretrained = save_pretrained
+
+
+def _trainer_being_built() -> Trainer:
+    """The ``Trainer`` whose ``__init__`` is running (it calls ``on_init_end`` last): callbacks are
+    given no Trainer, and this one's clip and log must be patched, on the instance."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if frame.f_code.co_name == "__init__" and isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    raise ValueError(
+        "HierMoECallback must be given to the Trainer when it is built: Trainer(..., callbacks=[HierMoECallback()]) "
+        "(trainer.add_callback afterwards is too late: the model is patched when the Trainer is created)"
+    )
 
 
 def _resume_dir() -> str | None:
