@@ -1,15 +1,100 @@
-"""User-facing configuration: `HierMoEConfig` (DESIGN.md section 2)."""
+"""User-facing configuration: `HierMoEConfig` (DESIGN.md section 2) and the ``HIERMOE_*`` rule.
+
+Every setting has one environment variable (``ENV_VARS``), and every entry point (``HierMoEConfig()``,
+so ``patch(model)`` and ``from_pretrained`` without a config, ``HierMoEPlugin``, ``HierMoECallback``)
+resolves it the same way: an argument given > the environment variable > the default. Accelerate's
+own settings behave so (``ACCELERATE_MIXED_PRECISION``, ``FSDP_*`` fill what the constructor was not
+given), so a launch line such as ``HIERMOE_DISPATCH=hd2 torchrun train.py`` means the same whichever
+entry point ``train.py`` uses.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterator, Sequence
 
 KERNELS = ("auto", "triton", "torch")
 SWAP_POLICIES = ("hierd", "load")
 _DISPATCH_RE = re.compile(r"^(auto|a2a|2dh|hd[1-9][0-9]*)$")
+
+# One line per setting: field -> environment variable. A field added without a line here has no variable.
+ENV_VARS = {
+    "topology": "HIERMOE_TOPOLOGY",
+    "dispatch": "HIERMOE_DISPATCH",
+    "kernels": "HIERMOE_KERNELS",
+    "swap_interval": "HIERMOE_SWAP_INTERVAL",
+    "swap_policy": "HIERMOE_SWAP_POLICY",
+    "cost_model": "HIERMOE_COST_MODEL",
+    "swap_pairs": "HIERMOE_SWAP_PAIRS",
+    "overlap_chunks": "HIERMOE_OVERLAP_CHUNKS",
+    "ep_size": "HIERMOE_EP_SIZE",
+}
+_NONE_WORDS = ("none",)  # HIERMOE_EP_SIZE=none, HIERMOE_COST_MODEL=none: the None default, explicitly
+
+
+class _Unset:
+    """The default of every ``HierMoEConfig`` field: "not given", so the environment may fill it."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET: Any = _Unset()
+
+
+def _setting(default: Any) -> Any:
+    return field(default=UNSET, metadata={"default": default})
+
+
+def parse_env(name: str, raw: str, default: Any) -> Any:
+    """The value of environment variable ``ENV_VARS[name]`` = ``raw`` (stripped, non-empty) for a field
+    whose default is ``default``: an integer for integer fields, None for "none" where None is valid."""
+    env = ENV_VARS[name]
+    if raw.lower() in _NONE_WORDS and (default is None or name == "ep_size"):
+        return None
+    if isinstance(default, int) and not isinstance(default, bool) or name == "ep_size":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{env}={raw!r} is not an integer; {name} takes a whole number >= 0") from None
+    return raw
+
+
+def from_env(name: str, default: Any) -> Any:
+    """``ENV_VARS[name]`` parsed, or ``default`` when the variable is unset or empty (or has no variable)."""
+    env = ENV_VARS.get(name)
+    raw = os.environ.get(env, "").strip() if env else ""
+    return parse_env(name, raw, default) if raw else default
+
+
+def env_source(name: str, value: Any) -> str | None:
+    """``"HIERMOE_X='raw'"`` when ``value`` of setting ``name`` is what its environment variable says."""
+    env = ENV_VARS.get(name)
+    raw = os.environ.get(env, "").strip() if env else ""
+    if not raw:
+        return None
+    try:
+        same = parse_env(name, raw, value) == value
+    except ValueError:
+        return None
+    return f"{env}={raw!r}" if same else None
+
+
+@contextlib.contextmanager
+def naming_env(config: Any, *names: str) -> Iterator[None]:
+    """Re-raise a ValueError about settings ``names`` of ``config`` (a HierMoEConfig or HierMoEPlugin)
+    prefixed with the environment variables they came from, for checks that need the launch (world
+    size, topology levels) and so run after the configuration was built."""
+    try:
+        yield
+    except ValueError as err:
+        sources = [s for s in (env_source(n, getattr(config, n, None)) for n in names) if s]
+        if not sources:
+            raise
+        raise ValueError(f"{', '.join(sources)}: {err}") from None
 
 
 @dataclass
@@ -36,45 +121,91 @@ class HierMoEConfig:
             experts run while the routed tokens travel); 1 = no overlap.
     """
 
-    topology: str | Sequence[int] | None = None
-    dispatch: str = "auto"
-    kernels: str = "auto"
-    swap_interval: int = 0
-    swap_policy: str = "hierd"
-    cost_model: str | None = None
-    swap_pairs: int = 1
-    overlap_chunks: int = 1
-    ep_size: int | None = None
+    topology: str | Sequence[int] | None = _setting(None)
+    dispatch: str = _setting("auto")
+    kernels: str = _setting("auto")
+    swap_interval: int = _setting(0)
+    swap_policy: str = _setting("hierd")
+    cost_model: str | None = _setting(None)
+    swap_pairs: int = _setting(1)
+    overlap_chunks: int = _setting(1)
+    ep_size: int | None = _setting(None)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dispatch, str) or not _DISPATCH_RE.match(self.dispatch):
-            raise ValueError(
-                f"unknown dispatch strategy {self.dispatch!r}; valid: 'auto', 'a2a', '2dh', 'hd1' .. 'hdD' "
-                "(D up to the number of topology levels)"
-            )
-        if self.kernels not in KERNELS:
-            raise ValueError(f"unknown kernels {self.kernels!r}; valid: {', '.join(KERNELS)}")
-        if self.swap_policy not in SWAP_POLICIES:
-            raise ValueError(f"unknown swap_policy {self.swap_policy!r}; valid: {', '.join(SWAP_POLICIES)}")
-        if isinstance(self.swap_interval, bool) or not isinstance(self.swap_interval, int) or self.swap_interval < 0:
-            raise ValueError(f"swap_interval must be an integer >= 0 (0 = never), got {self.swap_interval!r}")
-        if isinstance(self.swap_pairs, bool) or not isinstance(self.swap_pairs, int) or self.swap_pairs < 1:
-            raise ValueError(f"swap_pairs must be an integer >= 1, got {self.swap_pairs!r}")
-        if self.ep_size is not None and (
-            isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1
-        ):
-            raise ValueError(f"ep_size must be an integer >= 1 or None (= the world size), got {self.ep_size!r}")
-        if (
-            isinstance(self.overlap_chunks, bool)
-            or not isinstance(self.overlap_chunks, int)
-            or not 1 <= self.overlap_chunks <= 64
-        ):
-            raise ValueError(
-                f"overlap_chunks must be an integer from 1 (no overlap) to 64, got {self.overlap_chunks!r}"
-            )
-        if self.cost_model is not None and not isinstance(self.cost_model, (str, os.PathLike)):
-            raise ValueError(f"cost_model must be a path to a calibration JSON or None, got {self.cost_model!r}")
-        if self.topology is not None:
-            from hiermoe_hf.topology import parse_levels
+        for f in fields(self):  # precedence: the argument > HIERMOE_<FIELD> > the default
+            source = None
+            if getattr(self, f.name) is UNSET:
+                setattr(self, f.name, from_env(f.name, f.metadata.get("default")))
+                source = env_source(f.name, getattr(self, f.name))
+            check = _CHECKS.get(f.name)
+            try:
+                if check is not None:
+                    check(getattr(self, f.name))
+            except ValueError as err:
+                raise (ValueError(f"{source}: {err}") if source else err) from None
 
-            parse_levels(self.topology)  # raises on a malformed spec
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_dispatch(value: Any) -> None:
+    if not isinstance(value, str) or not _DISPATCH_RE.match(value):
+        raise ValueError(
+            f"unknown dispatch strategy {value!r}; valid: 'auto', 'a2a', '2dh', 'hd1' .. 'hdD' "
+            "(D up to the number of topology levels)"
+        )
+
+
+def _check_choice(name: str, valid: tuple[str, ...]):
+    def check(value: Any) -> None:
+        if value not in valid:
+            raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+    return check
+
+
+def _check_swap_interval(value: Any) -> None:
+    if not _integer(value) or value < 0:
+        raise ValueError(f"swap_interval must be an integer >= 0 (0 = never), got {value!r}")
+
+
+def _check_swap_pairs(value: Any) -> None:
+    if not _integer(value) or value < 1:
+        raise ValueError(f"swap_pairs must be an integer >= 1, got {value!r}")
+
+
+def _check_ep_size(value: Any) -> None:
+    if value is not None and (not _integer(value) or value < 1):
+        raise ValueError(f"ep_size must be an integer >= 1 or None (= the world size), got {value!r}")
+
+
+def _check_overlap_chunks(value: Any) -> None:
+    if not _integer(value) or not 1 <= value <= 64:
+        raise ValueError(f"overlap_chunks must be an integer from 1 (no overlap) to 64, got {value!r}")
+
+
+def _check_cost_model(value: Any) -> None:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"cost_model must be a path to a calibration JSON or None, got {value!r}")
+
+
+def _check_topology(value: Any) -> None:
+    if value is not None:
+        from hiermoe_hf.topology import parse_levels
+
+        parse_levels(value)  # raises on a malformed spec
+
+
+# field -> its check (ValueError naming the bad value and the valid choices); a field without one is unchecked.
+_CHECKS = {
+    "topology": _check_topology,
+    "dispatch": _check_dispatch,
+    "kernels": _check_choice("kernels", KERNELS),
+    "swap_interval": _check_swap_interval,
+    "swap_policy": _check_choice("swap_policy", SWAP_POLICIES),
+    "cost_model": _check_cost_model,
+    "swap_pairs": _check_swap_pairs,
+    "overlap_chunks": _check_overlap_chunks,
+    "ep_size": _check_ep_size,
+}

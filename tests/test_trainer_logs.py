@@ -36,7 +36,8 @@ def _model():
 def _freeze(model, trainable: str) -> None:
     """trainable: "all", "experts" (only the routed experts) or "experts+norm"."""
     for name, p in model.named_parameters():
-        p.requires_grad = trainable == "all" or EXPERT_KEY in name or (trainable == "experts+norm" and name == DENSE_TOO)
+        dense_too = trainable == "experts+norm" and name == DENSE_TOO
+        p.requires_grad = trainable == "all" or EXPERT_KEY in name or dense_too
 
 
 def _probe() -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 
 from hiermoe_hf import patches
 from hiermoe_hf.checkpoint.save import save_pretrained
-from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.config import HierMoEConfig, naming_env
 from hiermoe_hf.cost.calibration import PATCH_CALIBRATION, calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.cost.trials import StrategyTrials, trial_candidates
@@ -20,7 +21,7 @@ from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.forward import experts_forward
 from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, world
 from hiermoe_hf.runtime.state import LayerState, Runtime
-from hiermoe_hf.topology import Topology
+from hiermoe_hf.topology import Topology, parse_levels
 from hiermoe_hf.training import ddp
 
 
@@ -102,11 +103,32 @@ def resolve_layout(config: HierMoEConfig, num_experts: int) -> tuple[EPLayout, T
     """This rank's expert-parallel layout and its group's topology; ValueError for a bad ep_size,
     topology or strategy (before any collective, so every rank fails alike)."""
     world_size, global_rank = world()
-    layout = EPLayout.resolve(config.ep_size, world_size, global_rank, num_experts)
-    topology = group_topology(config.topology, layout)
+    refuse_missing_process_group(config, world_size)
+    with naming_env(config, "ep_size"):  # a value from HIERMOE_* is named in the error
+        layout = EPLayout.resolve(config.ep_size, world_size, global_rank, num_experts)
+    with naming_env(config, "topology", "ep_size"):
+        topology = group_topology(config.topology, layout)
     if config.dispatch != "auto":
-        topology.stages(config.dispatch)  # raises for a strategy this topology lacks
+        with naming_env(config, "dispatch"):
+            topology.stages(config.dispatch)  # raises for a strategy this topology lacks
     return layout, topology
+
+
+def refuse_missing_process_group(config: HierMoEConfig, world_size: int) -> None:
+    """ValueError when the config asks for several ranks but no process group exists yet (the usual
+    cause of a world of 1): say how to start one, rather than that the sizes differ."""
+    if world_size > 1 or (dist.is_available() and dist.is_initialized()):
+        return
+    levels = parse_levels(config.topology) if config.topology is not None else (1,)
+    wanted = max(math.prod(levels), config.ep_size or 1)
+    if wanted > 1:
+        shape = f"topology {'x'.join(map(str, levels))}" if math.prod(levels) > 1 else f"ep_size={config.ep_size}"
+        raise ValueError(
+            f"{shape} needs {wanted} ranks but torch.distributed's process group is not initialised (this process "
+            f"is alone): start {wanted} processes with `torchrun --nproc-per-node {wanted} script.py` or "
+            "`accelerate launch`, and create the group before patching (torch.distributed.init_process_group(), "
+            "which Accelerator() and the Trainer also do); or patch for one process with topology '1x1'"
+        )
 
 
 def process_groups(layout: EPLayout) -> tuple[object, object]:

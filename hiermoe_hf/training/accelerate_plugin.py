@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
 from hiermoe_hf.checkpoint.rank_state import RankStateStore
-from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.config import HierMoEConfig, naming_env
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.patch import patch
 from hiermoe_hf.runtime.registry import is_patched, runtime_of
@@ -45,8 +45,6 @@ from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
 
-ENV_PREFIX = "HIERMOE_"
-_INT_FIELDS = ("swap_interval", "swap_pairs", "overlap_chunks", "ep_size")
 # DDP-style launches: one full replica of the dense model per process, gradients averaged by DDP.
 _SUPPORTED = tuple(
     getattr(DistributedType, n)
@@ -89,22 +87,12 @@ class HierMoEPlugin:
 
     def __post_init__(self) -> None:
         self.dense_sharding = dense_sharding_from_env(self.dense_sharding)
-        defaults = HierMoEConfig()
+        # HierMoEConfig's rule (config.py): the arguments given here > HIERMOE_<FIELD> > the default;
+        # it raises a ValueError naming the bad value (and the variable, for one from the environment).
+        resolved = HierMoEConfig(**{f.name: getattr(self, f.name) for f in fields(HierMoEConfig)
+                                    if getattr(self, f.name) is not None})
         for f in fields(HierMoEConfig):
-            if getattr(self, f.name) is not None:
-                continue
-            env = f"{ENV_PREFIX}{f.name.upper()}"
-            raw = os.environ.get(env)
-            if raw is None or raw.strip() == "":
-                if f.name != "topology":  # topology None stays None: taken from the launcher in prepare()
-                    setattr(self, f.name, getattr(defaults, f.name))
-                continue
-            setattr(self, f.name, _parse_env(env, f.name, raw.strip()))
-            try:
-                HierMoEConfig(**{f.name: getattr(self, f.name)})
-            except ValueError as err:
-                raise ValueError(f"{env}={raw!r}: {err}") from None
-        self.config()  # validates the explicit arguments too (ValueError naming the bad value)
+            setattr(self, f.name, getattr(resolved, f.name))
         self.step = 0  # optimizer steps taken under this plugin (restored by load_state)
         self.swaps_done = 0
         self.metrics: dict[str, float] = {}
@@ -138,6 +126,10 @@ class HierMoEPlugin:
         launcher's (a topology node may hold several real nodes or split one, e.g. 2x2 emulated on
         one machine of 4 processes, but may not straddle a real node boundary).
         """
+        with naming_env(self, "topology", "ep_size"):  # a value from HIERMOE_* is named in the error
+            return self._resolve_topology(world_size)
+
+    def _resolve_topology(self, world_size: int) -> Topology:
         nodes, per_node = levels_from_launcher(world_size)
         launch = f"{nodes} node(s) x {per_node} process(es) per node"
         if self.ep_size is not None and self.ep_size != world_size:
@@ -297,19 +289,6 @@ class HierMoEPlugin:
         extra = self._store.begin_load(input_dir)
         self.step = int(extra.get("step", 0))
         self.swaps_done = int(extra.get("swaps_done", 0))
-
-
-def _parse_env(env: str, name: str, raw: str) -> Any:
-    if name == "ep_size" and raw.lower() == "none":
-        return None
-    if name in _INT_FIELDS:
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"{env}={raw!r} is not an integer; {name} takes a whole number >= 0") from None
-    if name in ("cost_model", "ep_size") and raw.lower() == "none":
-        return None
-    return raw
 
 
 def _prepare_without_ddp(accelerator, model, objects, prepare_kwargs):
