@@ -26,7 +26,11 @@ _CORPUS_MODULES = (
 
 
 def byte_tokenizer():
-    """A 256-token byte-level tokenizer (id == byte); no special tokens, so vocab_size=256 models fit."""
+    """A 256-token byte-level tokenizer (id == byte), so vocab_size=256 models fit.
+
+    The end-of-sequence (and padding) token is byte 0 (NUL, absent from text): TRL's SFTTrainer needs
+    an eos and a pad token, and a new id would grow the vocabulary past the model's 256.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's table, what ByteLevel uses
@@ -35,7 +39,8 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20)
+    nul = bytes_to_unicode()[0]  # byte 0's symbol: an existing id, marked special
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20, eos_token=nul, pad_token=nul)
 
 
 def builtin_corpus(min_chars: int = 200) -> list[str]:

@@ -1,0 +1,73 @@
+"""examples/sft_finetune.py (TRL SFTTrainer + SFTConfig + HierMoECallback) on 4 forked CPU/gloo
+ranks (2x2) against the same SFTTrainer under plain DDP (the unpatched model, the Trainer's own DDP
+and clip): the logged losses and grad norms agree, and the HierMoE metrics are in the logs. The data
+are padded batches of standard-library docstrings through the byte tokenizer (eos/pad = byte 0)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("trl", reason="TRL is an optional dependency (pip install -e '.[trl]' or '.[dev]')")
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+W, STEPS, MAX_NORM = 4, 3, 0.5
+
+
+def sft_job(output_dir, hiermoe: bool, lora: bool):
+    import datasets
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+
+    from hiermoe_hf.tiny_data import builtin_corpus, byte_tokenizer
+    from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
+    from hiermoe_hf.trainer import HierMoECallback
+
+    sys.path.insert(0, EXAMPLES)
+    import sft_finetune
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE=str(dist.get_world_size()))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    args = sft_finetune.parse_args(["--output-dir", output_dir, "--max-steps", str(STEPS), "--batch-size", "2",
+                                    "--seq-len", "32", "--max-grad-norm", str(MAX_NORM), "--lr", "1e-2"])
+    config = sft_finetune.sft_config(args, logging_steps=1, save_strategy="no", report_to=[],
+                                     lr_scheduler_type="linear", warmup_steps=0, router_aux_loss_coef=0.0)
+    # No aux loss: a per-rank aux term is not what single-process (or DDP) training computes.
+    model = build_model(tiny_qwen3_moe_config(output_router_logits=False)).train()
+    # One text, repeated: every step sees the same global batch whatever the sampler does. With many
+    # distinct tokens the two runs drift apart by routing, not by a bug: the patched combine sums the
+    # top-k outputs in another order than Transformers' experts (1e-7 relative), which flips a top-k
+    # choice of a token whose router scores nearly tie, and that flip changes its gradient.
+    dataset = datasets.Dataset.from_dict({"text": builtin_corpus()[:1] * 64})
+    callback = HierMoECallback(topology="2x2", dispatch="hd2") if hiermoe else None
+    trainer = sft_finetune.build_trainer(model, byte_tokenizer(), dataset, config, callback, lora=lora)
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-attention"])
+def test_sft_trainer_with_hiermoe_logs_what_plain_ddp_logs(ranks, tmp_path, lora):
+    pool = ranks(W)
+    got = pool.run(sft_job, str(tmp_path / "hiermoe"), True, lora)[0]
+    want = pool.run(sft_job, str(tmp_path / "ddp"), False, lora)[0]
+    print("GOT", got)
+    print("WANT", want)
+    assert [h["step"] for h in got] == [h["step"] for h in want] == list(range(1, STEPS + 1))
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-5)
+    assert [h["grad_norm"] for h in got] == pytest.approx([h["grad_norm"] for h in want], rel=1e-5)
+    assert any(h["grad_norm"] > MAX_NORM for h in want)  # clipping was active: the norm changed the step
+    for h in got:
+        assert h["hiermoe/step"] == h["step"] and h["hiermoe/strategy/hd2"] > 0 and h["hiermoe/tokens"] > 0
+    assert not any(k.startswith("hiermoe/") for h in want for k in h)
+
+
+def test_byte_tokenizer_has_eos_and_pad_within_256_ids():
+    from hiermoe_hf.tiny_data import byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = "A docstring, with bytes \u00e9 and \u2603.\n\n"
+    assert len(tok) == 256 and tok.eos_token_id == tok.pad_token_id == 0  # NUL: never in text
+    assert tok(text, add_special_tokens=False)["input_ids"] == list(text.encode())  # ids are still the bytes
