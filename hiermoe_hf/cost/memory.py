@@ -231,7 +231,30 @@ def plan_from_args(args, levels: tuple[int, ...]) -> dict:
     config, kwargs = load_config(args.model), _kwargs(args)
     out = memory_plan(config, math.prod(levels), **kwargs)
     out["smallest_fitting_topology"] = smallest_fitting(config, levels[-1], **kwargs)
+    if not out["fits"]:
+        out["advice"] = _advice(config, levels, kwargs)
     return out
+
+
+# The settings that shrink a rank's memory most: dense part sharded over all ranks, activations recomputed.
+_SAVING = {"dense_sharding": "fsdp2", "gradient_checkpointing": True}
+_SAVING_FLAGS = "--dense-sharding fsdp2 --gradient-checkpointing"
+
+
+def _advice(config, levels: tuple[int, ...], kwargs: dict) -> str | None:
+    """What to change when the plan does not fit: the memory-saving settings not yet given, and where
+    they fit (this topology, or the smallest one); None when they are already on."""
+    if all(kwargs.get(k) == v for k, v in _SAVING.items()):
+        return None
+    saving = {**kwargs, **_SAVING}
+    here = memory_plan(config, math.prod(levels), **saving)
+    shape = "x".join(map(str, levels))
+    if here["fits"]:
+        where = f"fits on {shape} ({here['total_bytes'] / 2**30:.1f} GiB per rank)"
+    else:
+        smallest = smallest_fitting(config, levels[-1], **saving)
+        where = f"smallest topology that fits: {smallest}" if smallest else "still none up to 1024 nodes"
+    return f"with {_SAVING_FLAGS}: {where}"
 
 
 def format_text(plan: dict) -> str:
@@ -245,6 +268,8 @@ def format_text(plan: dict) -> str:
     verdict = "fits" if plan["fits"] else "does NOT fit"
     lines.append(f"  {verdict} in {plan['budget_bytes'] / gib:.0f} GiB; smallest topology that fits: "
                  f"{plan.get('smallest_fitting_topology') or 'none up to 1024 nodes'}")
+    if plan.get("advice"):
+        lines.append(f"  {plan['advice']}")
     return "\n".join(lines)
 
 

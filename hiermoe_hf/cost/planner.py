@@ -289,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mem.add_arguments(p)
     add_layout_args(p)
     args = p.parse_args(argv)
+    for flag, value in (("--dtype-bytes", args.dtype_bytes), ("--tokens", args.tokens)):
+        if value < 1:  # 0 or negative would print zero or negative times
+            p.error(f"{flag} must be a whole number >= 1 (bf16: --dtype-bytes 2), got {value}")
     try:
         spec = load_model_spec(args.model)
         topology = Topology(parse_levels(args.topology))
