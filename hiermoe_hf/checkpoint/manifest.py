@@ -103,9 +103,10 @@ def write(folder: str, identity: SaveIdentity, own_file: str | None) -> None:
     """Seal a finished save: every rank hashes its share of ``folder``'s files, rank 0 writes the
     manifest last. Collective; call on every rank once every file of the save is written."""
     world, rank = _dist()
+    if world > 1:
+        dist.barrier()  # every rank's files are written before rank 0 lists them
     names = [_listing(folder)] if rank == 0 else [None]
     if world > 1:
-        dist.barrier()  # every rank's files are written
         dist.broadcast_object_list(names, src=0)
     names = names[0]
     own = os.path.relpath(own_file, folder) if own_file is not None else None

@@ -41,12 +41,27 @@ def refuse_wrappers(model: torch.nn.Module) -> None:
                 "expert slices included, so ranks would mix different experts. Patch the bare model and "
                 "wrap it in DistributedDataParallel, or shard the dense part with hiermoe_hf.shard_dense"
             )
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or inside_ddp(patch_target(model)):
+    chain = wrapper_chain(model)
+    if any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in chain) or inside_ddp(chain[-1]):
         raise ValueError(
             "the model is already wrapped in DistributedDataParallel (directly, as ddp.module, or inside "
             "torch.compile(DDP(model))), which has registered the full experts and would average different "
             "ranks' expert slices; call hiermoe_hf.patch(model) first and wrap the patched model afterwards"
         )
+
+
+def wrapper_chain(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model`` and what it wraps, through ``torch.compile`` (``_orig_mod``) and DDP (``.module``), read
+    without Accelerate's unwrap (which, keeping the compile wrapper, re-points it past a DDP inside)."""
+    chain = [model]
+    while True:
+        m = chain[-1]
+        inner = m.__dict__.get("_orig_mod") or m._modules.get("_orig_mod")
+        if inner is None and isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            inner = m.module
+        if inner is None:
+            return chain
+        chain.append(inner)
 
 
 def inside_ddp(module: torch.nn.Module) -> bool:
