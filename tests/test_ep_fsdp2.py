@@ -188,3 +188,19 @@ def test_memory_plan_shards_dense_over_the_world_and_experts_over_the_group():
     plan = memory_plan(config, W, dtype="fp32", dense_sharding="fsdp2", ep_size=EP)
     assert plan["dense_params_bytes"] == rank0_bytes(table.dense, W, True, 4)
     assert plan["expert_params_bytes"] == rank0_bytes(table.experts, EP, False, 4, experts=True)
+
+
+def test_trainer_callback_fsdp2_with_ep_groups_equals_single_process(ranks, tmp_path):
+    """HierMoECallback(ep_size=2, dense_sharding="fsdp2") under transformers.Trainer on 4 ranks, with swaps:
+    test_trainer_callback's job and oracle (every row the same sequence, so any world size sees the same
+    global batch): final logits and the last clip norm within 1e-5 relative."""
+    import test_trainer_callback as tc
+
+    kw = dict(dense_sharding="fsdp2", ep_size=EP, swap_interval=1, swap_policy="load", swap_pairs=2)
+    results = ranks(W).run(tc.trainer_job, str(tmp_path), kw)
+    ref, want_norm = tc.reference_model()
+    with torch.no_grad():
+        want = ref(tc._probe()).logits
+    for rank, (logits, norm, metrics, _, _) in enumerate(results):
+        assert tc._rel(logits, want) < 1e-5 and abs(norm / want_norm - 1) < 1e-5, (rank, norm, want_norm)
+        assert metrics["hiermoe/swaps_done"] > 0
