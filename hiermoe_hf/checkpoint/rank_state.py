@@ -10,6 +10,12 @@ the optimizer substitute these entries into whatever state dict is being loaded,
 own loading code does the rest unchanged. The Trainer loads its checkpoint before any hook could
 stage anything, so ``restore_now`` applies a file to the live model and optimizer instead.
 
+Every save has an id that each file carries with its rank and layout, and ``seal`` writes the
+folder's manifest last (``checkpoint/manifest.py``); ``begin_load`` reads nothing before the manifest,
+the layout, every file's checksum and the file's identity check out on every rank at once. With
+``dispatch="auto"`` timing its candidates, the timed choice travels in the files too, so a resume runs
+the strategy the interrupted run chose instead of timing again.
+
 The files hold only tensors, numbers, strings, lists and dicts (the swap log as JSON text) and are
 read with ``torch.load(weights_only=True)``: a resume folder copied from elsewhere cannot run code.
 Files of format 1 (pickled swap records) are read only by ``convert_pickled``, an explicit opt-in
@@ -115,7 +121,7 @@ class RankStateStore:
         payload = {
             "format": FORMAT,
             "save_id": identity.save_id,
-            "trials": _trials_state(rt.trials),
+            "trials": rt.trials.state_text() if rt.trials is not None else "",  # auto's timed choice
             "dense": {n: p.detach().to_local().cpu().clone() for n, p in dense.items()},
             "dense_optimizer": dense_optimizer,
             "rank": rt.global_rank,  # files are per global rank: replicas hold their own routing windows
@@ -175,7 +181,8 @@ class RankStateStore:
             )
         self._pending_dense = payload.get("dense") or None
         self._pending_dense_optimizer = payload.get("dense_optimizer") if self.optimizer is not None else None
-        _restore_trials(rt.trials, payload.get("trials"))
+        if rt.trials is not None and payload.get("trials"):
+            rt.trials.load_state_text(payload["trials"])
         return payload["extra"]
 
     def _verified(self, directory: str, path: str) -> dict:
@@ -305,48 +312,6 @@ def _identity_problems(path: str, payload: dict, want: SaveIdentity, rank: int) 
     need = {**want.fields(), "rank": rank}
     return [f"{path} holds {k}={got[k]!r} where this rank needs {need[k]!r} (the manifest's save and this "
             "rank's slot): the file belongs to another save or another rank" for k in got if got[k] != need[k]]
-
-
-def _trials_state(trials) -> str:
-    """``dispatch="auto"``'s timed choice (``cost/trials.py``) as JSON text ("" when auto is not timing):
-    a resume keeps the strategy auto chose instead of timing again (and maybe choosing another)."""
-    if trials is None:
-        return ""
-    pending = None
-    if trials.pending is not None:
-        key, elapsed = trials.pending
-        pending = [list(key) if key is not None else None, None if elapsed is None else elapsed.ms()]
-    return json.dumps({
-        "candidates": list(trials.candidates), "forwards": trials.forwards, "current": trials.current,
-        "timed_us": [[n, r, us] for (n, r), us in trials.timed_us.items()], "chosen": trials.chosen,
-        "pending": pending,
-    })
-
-
-def _restore_trials(trials, text: str | None) -> None:
-    if trials is None or not text:
-        return
-    saved = json.loads(text)
-    if tuple(saved["candidates"]) != trials.candidates:
-        raise ValueError(f"the checkpoint timed {saved['candidates']} but this run's candidates are {trials.candidates}")
-    trials.forwards = dict(saved["forwards"])
-    trials.current = dict(saved["current"])
-    trials.timed_us = {(n, r): us for n, r, us in saved["timed_us"]}
-    trials.chosen = saved["chosen"]
-    pending = saved["pending"]
-    trials.pending = None if pending is None else (
-        tuple(pending[0]) if pending[0] is not None else None, None if pending[1] is None else _Measured(pending[1])
-    )
-
-
-class _Measured:
-    """A restored forward's time (``runtime.state.Elapsed``'s ``ms()``)."""
-
-    def __init__(self, ms: float):
-        self._ms = ms
-
-    def ms(self) -> float:
-        return self._ms
 
 
 def convert_pickled(directory: str | os.PathLike) -> list[str]:

@@ -46,12 +46,11 @@ def clip_grad_norm_(
     expert_ids = {id(p) for p in expert_parameters(model)}
     # Replicated dense grads count once; expert slices and FSDP2 shards are summed over the ranks.
     dense = [p.grad for p in params if id(p) not in expert_ids and not is_sharded(p.grad)]
-    experts = [local_view(p.grad) for p in params if id(p) in expert_ids]
-    shards = [local_view(p.grad) for p in params if id(p) not in expert_ids and is_sharded(p.grad)]
+    rank_local = [p for p in params if id(p) in expert_ids or is_sharded(p.grad)]
     # Every rank must join the reduction, also one without grads; NCCL needs the tensor on the GPU.
     device = params[0].grad.device if params else next(model.parameters()).device
     dense_norm = _norm(dense, norm_type, device)
-    summed = _summed_part(_norm(experts, norm_type, device), _norm(shards, norm_type, device), norm_type, rt.replicas)
+    summed = _summed_part(rank_local, expert_ids, norm_type, rt.replicas, device)
     if norm_type == float("inf"):
         if rt.global_world_size > 1:
             dist.all_reduce(summed, op=dist.ReduceOp.MAX)
@@ -77,17 +76,21 @@ def clip_grad_norm_(
     return total
 
 
-def _summed_part(expert_norm: torch.Tensor, shard_norm: torch.Tensor, norm_type: float, replicas: int) -> torch.Tensor:
-    """This rank's share of the part of the norm that is summed over the whole world (one all-reduce).
+def _summed_part(rank_local: list, expert_ids: set, norm_type: float, replicas: int, device) -> torch.Tensor:
+    """This rank's share of the part of the norm that is summed over the whole world (one all-reduce):
+    the p-th power of the norm of its expert slices and FSDP2 dense shards (for the max norm: their max).
 
     FSDP2 shards the dense part over all W ranks (each element on one rank), while each expert slice
     lives on ``replicas`` ranks (one per copy of the expert-parallel group, ``ep_size`` < W) holding the
     same replica-summed gradient: its p-th power enters with weight 1/replicas so that the sum over
-    the world counts it once. For the max norm, replicas are equal and a max counts them once anyway.
+    the world counts it once. (For the max norm, replicas are equal and a max counts them once anyway.)
     """
-    if norm_type == float("inf"):
-        return torch.maximum(expert_norm, shard_norm)
-    return expert_norm.pow(norm_type) / replicas + shard_norm.pow(norm_type)
+    if replicas == 1 or norm_type == float("inf"):  # one norm over all: the same arithmetic as without replicas
+        norm = _norm([local_view(p.grad) for p in rank_local], norm_type, device)
+        return norm if norm_type == float("inf") else norm.pow(norm_type)
+    experts = _norm([p.grad for p in rank_local if id(p) in expert_ids], norm_type, device)
+    shards = _norm([local_view(p.grad) for p in rank_local if id(p) not in expert_ids], norm_type, device)
+    return experts.pow(norm_type) / replicas + shards.pow(norm_type)
 
 
 def _norm(grads: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
