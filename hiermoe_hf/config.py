@@ -31,6 +31,14 @@ ENV_VARS = {
     "swap_pairs": "HIERMOE_SWAP_PAIRS",
     "overlap_chunks": "HIERMOE_OVERLAP_CHUNKS",
     "ep_size": "HIERMOE_EP_SIZE",
+    "collective_timeout_s": "HIERMOE_COLLECTIVE_TIMEOUT",
+}
+# What an integer variable takes, for its error message.
+_INT_RANGES = {
+    "swap_interval": "a whole number >= 0 (0 = never)",
+    "swap_pairs": "a whole number >= 1",
+    "overlap_chunks": "a whole number from 1 (no overlap) to 64",
+    "ep_size": "a whole number >= 1, or none (= the world size)",
 }
 _NONE_WORDS = ("none",)  # HIERMOE_EP_SIZE=none, HIERMOE_COST_MODEL=none: the None default, explicitly
 
@@ -53,13 +61,17 @@ def parse_env(name: str, raw: str, default: Any) -> Any:
     """The value of environment variable ``ENV_VARS[name]`` = ``raw`` (stripped, non-empty) for a field
     whose default is ``default``: an integer for integer fields, None for "none" where None is valid."""
     env = ENV_VARS[name]
+    if name == "collective_timeout_s":
+        from hiermoe_hf.exchange.bounded import parse_timeout
+
+        return parse_timeout(env, raw)
     if raw.lower() in _NONE_WORDS and (default is None or name == "ep_size"):
         return None
-    if isinstance(default, int) and not isinstance(default, bool) or name == "ep_size":
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"{env}={raw!r} is not an integer; {name} takes a whole number >= 0") from None
+    if name in _INT_RANGES:
+        # ASCII digits only: int() would also take "１２" or "٣" (other scripts' digits) and "1_0".
+        if not re.fullmatch(r"[+-]?[0-9]+", raw):
+            raise ValueError(f"{env}={raw!r} is not an integer (ASCII digits 0-9); {name} takes {_INT_RANGES[name]}")
+        return int(raw)
     return raw
 
 
@@ -119,6 +131,10 @@ class HierMoEConfig:
         overlap_chunks: split each MoE layer's tokens into this many chunks and pipeline them, so
             one chunk's exchange is in flight while another's experts run (and DeepSeek-V3's shared
             experts run while the routed tokens travel); 1 = no overlap.
+        collective_timeout_s: seconds a rank waits in the package's own collectives (the layer's
+            count exchange, the collective save, the resume checks) for the other ranks before it
+            raises an error naming the likely cause (a forward or save called on some ranks only);
+            None = ``HIERMOE_COLLECTIVE_TIMEOUT`` at use, else 600 (``exchange/bounded.py``).
     """
 
     topology: str | Sequence[int] | None = _setting(None)
@@ -130,6 +146,7 @@ class HierMoEConfig:
     swap_pairs: int = _setting(1)
     overlap_chunks: int = _setting(1)
     ep_size: int | None = _setting(None)
+    collective_timeout_s: float | None = _setting(None)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # precedence: the argument > HIERMOE_<FIELD> > the default
@@ -185,6 +202,13 @@ def _check_overlap_chunks(value: Any) -> None:
         raise ValueError(f"overlap_chunks must be an integer from 1 (no overlap) to 64, got {value!r}")
 
 
+def _check_collective_timeout(value: Any) -> None:
+    if value is not None:
+        from hiermoe_hf.exchange.bounded import parse_timeout
+
+        parse_timeout("collective_timeout_s", value)
+
+
 def _check_cost_model(value: Any) -> None:
     if value is not None and not isinstance(value, (str, os.PathLike)):
         raise ValueError(f"cost_model must be a path to a calibration JSON or None, got {value!r}")
@@ -208,4 +232,5 @@ _CHECKS = {
     "swap_pairs": _check_swap_pairs,
     "overlap_chunks": _check_overlap_chunks,
     "ep_size": _check_ep_size,
+    "collective_timeout_s": _check_collective_timeout,
 }

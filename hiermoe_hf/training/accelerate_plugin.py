@@ -31,6 +31,7 @@ import torch.distributed as dist
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
+from hiermoe_hf.checkpoint.manifest import new_save_id
 from hiermoe_hf.checkpoint.rank_state import RankStateStore
 from hiermoe_hf.config import HierMoEConfig, naming_env
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
@@ -42,6 +43,7 @@ from hiermoe_hf.training.ddp import divide_expert_grads_by_world, expert_paramet
 from hiermoe_hf.training.expert_dp import ExpertGradSync
 from hiermoe_hf.training.fsdp import dense_sharding_from_env, is_sharded, shard_dense_repointing
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
+from hiermoe_hf.training.safe_save import crash_safe_save_state
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
 
@@ -84,6 +86,9 @@ class HierMoEPlugin:
     dense_sharding: str | None = field(
         default=None, metadata=_help("'ddp' (dense part replicated, default) or 'fsdp2' (hiermoe_hf.shard_dense)")
     )
+    collective_timeout_s: float | None = field(
+        default=None, metadata=_help("seconds a rank waits for the others in a package collective (HIERMOE_COLLECTIVE_TIMEOUT)")
+    )
 
     def __post_init__(self) -> None:
         self.dense_sharding = dense_sharding_from_env(self.dense_sharding)
@@ -102,6 +107,7 @@ class HierMoEPlugin:
         self._store: RankStateStore | None = None
         self._meter: TrafficMeter | None = None
         self._expert_sync: ExpertGradSync | None = None
+        self._save_id: str | None = None
 
     # ---- configuration ---------------------------------------------------------------------------------------
 
@@ -117,6 +123,7 @@ class HierMoEPlugin:
             swap_pairs=self.swap_pairs,
             overlap_chunks=self.overlap_chunks,
             ep_size=self.ep_size,
+            collective_timeout_s=self.collective_timeout_s,
         )
 
     def resolve_topology(self, world_size: int) -> Topology:
@@ -257,6 +264,7 @@ class HierMoEPlugin:
         accelerator.register_save_state_pre_hook(self._save_state_hook)
         accelerator.register_load_state_pre_hook(self._load_state_hook)
         accelerator.clip_grad_norm_ = self.clip_grad_norm_  # this instance only; the loop's call stays the same
+        accelerator.save_state = crash_safe_save_state(accelerator, self._begin_save, self._store.seal)
 
     # ---- per step ----------------------------------------------------------------------------------------------
 
@@ -283,7 +291,12 @@ class HierMoEPlugin:
                     state.pop(name, None)
                 for name in [k for k, v in state.items() if is_sharded(v)]:  # FSDP2 shards: per-rank files
                     state.pop(name)
-        self._store.save(output_dir, {"step": self.step, "swaps_done": self.swaps_done})
+        self._store.save(output_dir, {"step": self.step, "swaps_done": self.swaps_done}, self._save_id)
+
+    def _begin_save(self) -> None:
+        """Before ``save_state`` writes anything: the save's id, from rank 0 (collective, bounded: a
+        save_state called on some ranks only raises instead of hanging)."""
+        self._save_id = new_save_id(runtime_of(self.model).collective_timeout_s)
 
     def _load_state_hook(self, models, input_dir) -> None:
         extra = self._store.begin_load(input_dir)
