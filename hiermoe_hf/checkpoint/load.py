@@ -91,9 +91,8 @@ def from_pretrained(
     else:
         config, model_kwargs = copy.deepcopy(config), hf_kwargs
     fp8 = Fp8Format.take_from(config)  # FP8 weights are dequantized while read; the model is plain
-    adapter = patches.adapter_for(config)
-    layout = EPLayout.resolve(cfg.ep_size, world, rank, adapter.num_experts(config))
     base = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    layout = EPLayout.resolve(cfg.ep_size, world, rank, _num_experts(base, config))
     fsdp2 = dense_sharding == "fsdp2" and world > 1
     loader = _local_experts_class(base, layout.rank, layout.ep_size, fp8, fsdp2)
     model = loader.from_pretrained(folder, config=config, **model_kwargs)
@@ -101,6 +100,14 @@ def from_pretrained(
         model.__class__ = base  # the subclass only existed to swap the loading step (FSDP2: done before)
     model.config.name_or_path = os.fspath(name_or_path)  # as given (a repo id, not its cache folder)
     return patch_experts(model, cfg, experts_are_local=True)  # the loader read only this rank's experts
+
+
+def _num_experts(model_class: type, config) -> int:
+    """E of ``config``'s model, from its experts modules (``patches.find_experts``) on a meta-device
+    build: no weights are allocated, and no per-family table of config attributes is needed."""
+    with torch.device("meta"):
+        model = model_class._from_config(copy.deepcopy(config))
+    return patches.find_experts(model)[0][0].num_experts
 
 
 def _check_device_map(device_map) -> None:
@@ -142,8 +149,8 @@ def _load_with_local_experts(
     files = [os.fspath(f) for f in checkpoint_files or []]
     if state_dict is not None or not files or not all(f.endswith(".safetensors") for f in files):
         raise ValueError(f"hiermoe_hf.from_pretrained reads safetensors checkpoints only; found {files or 'none'}")
-    adapter = patches.adapter_for(model.config)
-    num_experts = adapter.num_experts(model.config)
+    sites = patches.find_experts(model)
+    num_experts = sites[0][0].num_experts
     local = num_experts // world
     reader = _ShardReader(files) if fp8 is None else Fp8Reader(_ShardReader(files), fp8)
     try:
@@ -155,16 +162,16 @@ def _load_with_local_experts(
             else:
                 weights[key] = reader.slice(key)
         folder = os.path.dirname(files[0])
-        for block, module in patches.find_moe_blocks(model, adapter):
-            experts = module.experts
+        for site, experts in sites:
+            block = site.block_name
             stand_ins = _expert_stand_ins(
-                reader, by_block.pop(block, []), block, experts, adapter.EXPERT_PARAMS, num_experts,
+                reader, by_block.pop(block, []), block, experts, site.param_names, num_experts,
                 rank * local, local, folder,
             )
             weights.update(stand_ins)
             if any(s.per_expert for s in stand_ins.values()):
                 _mark_expert_conversions_used(load_config.weight_mapping, block)
-            for param in adapter.EXPERT_PARAMS:  # still on meta: only the shape changes
+            for param in site.param_names:  # still on meta: only the shape changes
                 full = getattr(experts, param)
                 shape = (local, *full.shape[1:])
                 setattr(experts, param, torch.nn.Parameter(
@@ -174,8 +181,7 @@ def _load_with_local_experts(
             weights.update({key: reader.slice(key) for key in keys})
         if fsdp2:  # dense parameters become meta DTensors: Transformers then reads only this rank's chunk
             model.__class__ = base  # before FSDP2 derives its wrapper class from the model's class
-            blocks = patches.find_moe_blocks(model, adapter)
-            ignored = {getattr(m.experts, p) for _, m in blocks for p in adapter.EXPERT_PARAMS}
+            ignored = {getattr(m, p) for site, m in sites for p in site.param_names}
             device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
             fully_shard_dense(model, ignored, _world()[0], device)  # the dense part: over the whole world
         return base._load_pretrained_model(model, weights, files, load_config, expected_keys)
