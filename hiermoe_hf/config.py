@@ -33,7 +33,9 @@ class HierMoEConfig:
             one group, and groups are blocks of consecutive ranks (inside a node when they fit).
         overlap_chunks: split each MoE layer's tokens into this many chunks and pipeline them, so
             one chunk's exchange is in flight while another's experts run (and DeepSeek-V3's shared
-            experts run while the routed tokens travel); 1 = no overlap.
+            experts run while the routed tokens travel); 1 = no overlap; "auto" (the default): time
+            1 and 4 chunks on the first forwards (after ``auto``'s strategy trials) and keep the
+            faster (``cost/trials.py``).
     """
 
     topology: str | Sequence[int] | None = None
@@ -43,7 +45,7 @@ class HierMoEConfig:
     swap_policy: str = "hierd"
     cost_model: str | None = None
     swap_pairs: int = 1
-    overlap_chunks: int = 1
+    overlap_chunks: int | str = "auto"
     ep_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -64,13 +66,14 @@ class HierMoEConfig:
             isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1
         ):
             raise ValueError(f"ep_size must be an integer >= 1 or None (= the world size), got {self.ep_size!r}")
-        if (
+        if self.overlap_chunks != "auto" and (
             isinstance(self.overlap_chunks, bool)
             or not isinstance(self.overlap_chunks, int)
             or not 1 <= self.overlap_chunks <= 64
         ):
             raise ValueError(
-                f"overlap_chunks must be an integer from 1 (no overlap) to 64, got {self.overlap_chunks!r}"
+                f"overlap_chunks must be 'auto' (timed) or an integer from 1 (no overlap) to 64, "
+                f"got {self.overlap_chunks!r}"
             )
         if self.cost_model is not None and not isinstance(self.cost_model, (str, os.PathLike)):
             raise ValueError(f"cost_model must be a path to a calibration JSON or None, got {self.cost_model!r}")

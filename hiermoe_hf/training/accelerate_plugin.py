@@ -79,7 +79,9 @@ class HierMoEPlugin:
         default=None, metadata=_help("calibration JSON, preset or 'calibrate'; unset: auto times its candidates")
     )
     swap_pairs: int | None = field(default=None, metadata=_help("expert pairs exchanged per swap round"))
-    overlap_chunks: int | None = field(default=None, metadata=_help("token chunks pipelined per MoE layer; 1 = none"))
+    overlap_chunks: int | str | None = field(
+        default=None, metadata=_help("token chunks pipelined per MoE layer; 1 = none; 'auto' = timed (default)")
+    )
     ep_size: int | None = field(
         default=None, metadata=_help("ranks per expert-parallel group; unset = the world (HIERMOE_EP_SIZE)")
     )
@@ -302,11 +304,14 @@ class HierMoEPlugin:
 def _parse_env(env: str, name: str, raw: str) -> Any:
     if name == "ep_size" and raw.lower() == "none":
         return None
+    if name == "overlap_chunks" and raw.lower() == "auto":
+        return "auto"
     if name in _INT_FIELDS:
         try:
             return int(raw)
         except ValueError:
-            raise ValueError(f"{env}={raw!r} is not an integer; {name} takes a whole number >= 0") from None
+            takes = "'auto' or a whole number >= 1" if name == "overlap_chunks" else "a whole number >= 0"
+            raise ValueError(f"{env}={raw!r} is not an integer; {name} takes {takes}") from None
     if name in ("cost_model", "ep_size") and raw.lower() == "none":
         return None
     return raw
