@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from hiermoe_hf.exchange.comm import meta_row_bytes, whole_group
-from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch, stage_stats
+from hiermoe_hf.exchange.dispatcher import DispatchHandle, ExchangePlan, combine, dispatch, stage_stats
 from hiermoe_hf.exchange.experts import local_experts_forward
 from hiermoe_hf.exchange.layer_counts import Fixed, LayerCounts, Priced, exchange_chunk_counts, merged
 from hiermoe_hf.exchange.pipeline import pipelined_layer
@@ -111,6 +111,9 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
             rows.append(counts_e.sum())
             return y_RH
 
+        # Recorded before the pipeline, from the counts (the stages' summed split sizes, what the chunks
+        # will send): a non-reentrant checkpoint recompute stopped early inside it is still counted.
+        layer.last = record(DispatchHandle(merged(chunk_counts).splits), ((t0, t0),))
         out_TH, handle, side_out = pipelined_layer(x_TH, phys_TK, topk_w_TK, plan, ops, chunk_counts, experts_fn, side)
         out_TH = out_TH.to(hidden_TH.dtype)
         layer.last = record(handle, ((t0, Elapsed.mark(hidden_TH)),), torch.stack(rows).sum())  # experts included
