@@ -66,7 +66,9 @@ def trial_candidates(topology: Topology) -> tuple[str, ...]:
 
 
 def chunk_candidates(overlap_chunks: int | str) -> tuple[int, ...]:
-    """The chunk counts timed: ``(1, OVERLAP_CHUNKS)`` for ``"auto"``, else the one given."""
+    """The chunk counts timed: ``(1, OVERLAP_CHUNKS)`` for ``"auto"``, else the one given. Two
+    options, one of them 1: the deciding forward counts in the larger and, when 1 wins, runs on the
+    sums; any other pair would need counts its chunks do not refine."""
     return (1, OVERLAP_CHUNKS) if overlap_chunks == "auto" else (overlap_chunks,)
 
 
