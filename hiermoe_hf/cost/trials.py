@@ -48,6 +48,7 @@ Shapes: C candidates.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -230,6 +231,45 @@ class StrategyTrials:
         strategy = self.chosen if self.candidates else None
         return {c: ms for (s, c), ms in sorted(self._kept_ms().items(), key=lambda kv: kv[0][1]) if s == strategy}
 
+    def state_text(self) -> str:
+        """This object's state as JSON text, for the resume files (``checkpoint/rank_state.py``): a resume
+        keeps the strategy and chunk count chosen (or the trials so far) instead of timing again and
+        maybe choosing others."""
+        pending = None
+        if self.pending is not None:
+            key, elapsed = self.pending
+            pending = [[*key[0], key[1]] if key is not None else None, None if elapsed is None else elapsed.ms()]
+        return json.dumps({
+            "candidates": list(self.candidates), "chunk_options": list(self.chunk_options),
+            "forwards": self.forwards, "current": {k: list(v) for k, v in self.current.items()},
+            "timed_us": [[n, c, r, us] for ((n, c), r), us in self.timed_us.items()], "chosen": self.chosen,
+            "chosen_chunks": self.chosen_chunks, "pending": pending,
+        })
+
+    def load_state_text(self, text: str) -> None:
+        """Restore what ``state_text`` wrote (the same candidates and chunk options, else ValueError)."""
+        saved = json.loads(text)
+        if tuple(saved["candidates"]) != self.candidates:
+            raise ValueError(f"the checkpoint timed {saved['candidates']}, but this run's candidates are {self.candidates}")
+        if tuple(saved.get("chunk_options", [1])) != self.chunk_options:
+            raise ValueError(
+                f"the checkpoint timed overlap_chunks {saved.get('chunk_options', [1])}, but this run's are "
+                f"{list(self.chunk_options)}: resume with the same overlap_chunks setting"
+            )
+        # files written before issue 18 timed strategies only, unchunked: (strategy, round) keys
+        self.forwards = dict(saved["forwards"])
+        self.current = {k: tuple(v) if isinstance(v, list) else (v, 1) for k, v in saved["current"].items()}
+        rows = [row if len(row) == 4 else [row[0], 1, *row[1:]] for row in saved["timed_us"]]
+        self.timed_us = {((n, c), r): us for n, c, r, us in rows}
+        self.chosen = saved["chosen"]
+        self.chosen_chunks = saved.get("chosen_chunks", self.chunk_options[0])
+        key, ms = saved["pending"] if saved["pending"] is not None else (None, None)
+        key = key if key is None or len(key) == 3 else [key[0], 1, key[1]]
+        self.pending = None if saved["pending"] is None else (
+            ((key[0], key[1]), key[2]) if key is not None else None, None if ms is None else MeasuredMs(ms)
+        )
+
+
     def source(self) -> str:
         """Where the strategy choice comes from, for ``stats``' ``cost_model``."""
         if len(self.candidates) == 1:
@@ -239,6 +279,16 @@ class StrategyTrials:
         if self.chosen is None:
             return f"{what} ({rounds}; in progress)"
         return f"{what} ({rounds}): {self.chosen}"
+
+
+@dataclass(frozen=True)
+class MeasuredMs:
+    """A restored forward's time, read like ``runtime.state.Elapsed`` (``ms()``)."""
+
+    value: float
+
+    def ms(self) -> float:
+        return self.value
 
 
 @dataclass(frozen=True)
