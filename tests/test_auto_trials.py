@@ -1,7 +1,7 @@
 """``dispatch="auto"`` without a cost model times its candidates on the model's own exchanges and
 keeps the fastest (issue 13 item 6, ``cost/trials.py``).
 
-The oracle of the distributed test is a delay the test injects into one kind of stage group: 20 ms
+The oracle of the distributed test is a delay the test injects into one kind of stage group: 50 ms
 in every ``all_to_all_single`` of the 4-rank group (only ``hd1``'s flat stage has one) or of the
 2-rank groups (only ``hd2``'s stages): the strategy without the delay must win, on every rank and
 layer, after exactly the announced trial forwards. Default constants (the code before the change)
@@ -105,12 +105,12 @@ def test_recomputes_run_their_forwards_strategy_untimed():
 
 @contextlib.contextmanager
 def _delayed_groups(slow_group_size: int):
-    """Every ``all_to_all_single`` in a group of ``slow_group_size`` ranks sleeps 20 ms first."""
+    """Every ``all_to_all_single`` in a group of ``slow_group_size`` ranks sleeps 50 ms first (the strategy timing covers the whole layer since issue 18: experts too, more noise on a loaded machine)."""
     orig = dist.all_to_all_single
 
     def delayed(out, inp, *args, group=None, **kwargs):
         if group is not None and dist.get_world_size(group) == slow_group_size:
-            time.sleep(0.02)
+            time.sleep(0.05)
         return orig(out, inp, *args, group=group, **kwargs)
 
     dist.all_to_all_single = delayed
@@ -151,7 +151,7 @@ def test_auto_times_hd1_hd2_and_keeps_the_fastest(ranks, slow_group_size, winner
     for source, defaults, measured in zip(r["sources"], r["defaults"], r["measured"]):
         assert source.startswith("measured") and source.endswith(f": {winner}") and defaults is False
         # every rank sleeps in at least 2 delayed exchanges (dispatch + combine) per layer of the loser's pass
-        assert measured[loser] >= 2 * 20 * layers and measured[winner] < measured[loser], measured
+        assert measured[loser] >= 2 * 50 * layers and measured[winner] < measured[loser], measured
 
 
 def _train_checkpointed(slow_group_size: int, steps: int) -> list[list[str]]:
