@@ -105,7 +105,8 @@ def test_recomputes_run_their_forwards_strategy_untimed():
 
 @contextlib.contextmanager
 def _delayed_groups(slow_group_size: int):
-    """Every ``all_to_all_single`` in a group of ``slow_group_size`` ranks sleeps 50 ms first (the strategy timing covers the whole layer since issue 18: experts too, more noise on a loaded machine)."""
+    """Every ``all_to_all_single`` in a group of ``slow_group_size`` ranks sleeps 50 ms first (the
+    timing covers the whole layer since issue 18, experts too: more noise on a loaded machine)."""
     orig = dist.all_to_all_single
 
     def delayed(out, inp, *args, group=None, **kwargs):
