@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "strategies": dict(strategies),
+        "overlap_chunks": overlap_chunks_run(unwrapped),
         "inter_node_bytes": totals["inter_node_bytes"],
         "a2a_inter_node_bytes": totals["a2a_inter_node_bytes"],
         "rows_sent": totals["rows_sent"],
@@ -246,6 +247,11 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def overlap_chunks_run(model) -> list[int]:
+    """Token chunks the MoE layers ran in at the last forward (``overlap_chunks``; "auto" times 1 vs 4)."""
+    return sorted({v["overlap_chunks"] for v in hiermoe_hf.stats(model).values() if v.get("overlap_chunks")})
+
+
 def bytes_per_row(model) -> list[int]:
     """Bytes per dispatched row in the last exchange (hidden x 2 under bf16 autocast, x 4 in fp32)."""
     stages = [s for layer in hiermoe_hf.stats(model).values() for s in layer.get("stages", []) if s["rows_sent"]]
@@ -263,6 +269,7 @@ def summary_table(s: dict) -> str:
         ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s"),
         ("loss first -> last", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f}"),
         ("strategies (layer forwards)", strategies_text(s["strategies"])),
+        ("overlap chunks (last step)", ", ".join(map(str, s["overlap_chunks"])) or "n/a"),
         ("inter-node dispatch bytes", f"{fmt_bytes(sent)} vs a2a {fmt_bytes(base)}: saved {saved}"),
         ("rows sent, all stages", f"{s['rows_sent']:,} vs a2a {s['a2a_rows_sent']:,}{rows_ratio}"),
         ("expert swaps", str(s["swaps_done"])),

@@ -37,7 +37,7 @@ ENV_VARS = {
 _INT_RANGES = {
     "swap_interval": "a whole number >= 0 (0 = never)",
     "swap_pairs": "a whole number >= 1",
-    "overlap_chunks": "a whole number from 1 (no overlap) to 64",
+    "overlap_chunks": "'auto' (timed, the default) or a whole number from 1 (no overlap) to 64",
     "ep_size": "a whole number >= 1, or none (= the world size)",
 }
 _NONE_WORDS = ("none",)  # HIERMOE_EP_SIZE=none, HIERMOE_COST_MODEL=none: the None default, explicitly
@@ -65,6 +65,8 @@ def parse_env(name: str, raw: str, default: Any) -> Any:
         from hiermoe_hf.exchange.bounded import parse_timeout
 
         return parse_timeout(env, raw)
+    if name == "overlap_chunks" and raw.lower() == "auto":
+        return "auto"
     if raw.lower() in _NONE_WORDS and (default is None or name == "ep_size"):
         return None
     if name in _INT_RANGES:
@@ -130,7 +132,9 @@ class HierMoEConfig:
             one group, and groups are blocks of consecutive ranks (inside a node when they fit).
         overlap_chunks: split each MoE layer's tokens into this many chunks and pipeline them, so
             one chunk's exchange is in flight while another's experts run (and DeepSeek-V3's shared
-            experts run while the routed tokens travel); 1 = no overlap.
+            experts run while the routed tokens travel); 1 = no overlap; "auto" (the default): time
+            1 and 4 chunks on the first forwards (after ``auto``'s strategy trials) and keep the
+            faster (``cost/trials.py``).
         collective_timeout_s: seconds a rank waits in the package's own collectives (the layer's
             count exchange, the collective save, the resume checks) for the other ranks before it
             raises an error naming the likely cause (a forward or save called on some ranks only);
@@ -144,7 +148,7 @@ class HierMoEConfig:
     swap_policy: str = _setting("hierd")
     cost_model: str | None = _setting(None)
     swap_pairs: int = _setting(1)
-    overlap_chunks: int = _setting(1)
+    overlap_chunks: int | str = _setting("auto")
     ep_size: int | None = _setting(None)
     collective_timeout_s: float | None = _setting(None)
 
@@ -198,8 +202,10 @@ def _check_ep_size(value: Any) -> None:
 
 
 def _check_overlap_chunks(value: Any) -> None:
-    if not _integer(value) or not 1 <= value <= 64:
-        raise ValueError(f"overlap_chunks must be an integer from 1 (no overlap) to 64, got {value!r}")
+    if value != "auto" and (not _integer(value) or not 1 <= value <= 64):
+        raise ValueError(
+            f"overlap_chunks must be 'auto' (timed) or an integer from 1 (no overlap) to 64, got {value!r}"
+        )
 
 
 def _check_collective_timeout(value: Any) -> None:

@@ -29,6 +29,7 @@ SUMMARY = {
     "tokens_per_s": re.compile(r"throughput\s*\|\s*([\d,]+) tokens/s"),
     "strategies": re.compile(r"strategies \(layer forwards\)\s*\|\s*(.+)$", re.M),
 }
+CHUNKS = re.compile(r"overlap chunks \(last step\)\s*\|\s*(.+)$", re.M)  # absent before issue 18
 
 
 def run_once(repo: str, config: str, rate: str, steps: int, port: int, python: str) -> dict:
@@ -56,7 +57,8 @@ def run_once(repo: str, config: str, rate: str, steps: int, port: int, python: s
         raise RuntimeError(f"no summary in the output of {' '.join(cmd)}:\n{text[-3000:]}")
     return {
         "tokens_per_s": int(found["tokens_per_s"].group(1).replace(",", "")),
-        "strategies": found["strategies"].group(1).strip(),
+        "strategies": found["strategies"].group(1).strip()
+        + (f" x{m.group(1).strip()}" if (m := CHUNKS.search(text)) else ""),
         "wall_s": round(wall, 1),
     }
 

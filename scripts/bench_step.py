@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NEW = [(f"new {s} x{c}", "new", s, c) for c in (1, 4, 8) for s in ("a2a", "hd1", "hd2", "auto")]
-OLD = [(f"old {s}", "old", s, 1) for s in ("a2a", "hd1", "hd2", "auto")]
+# "defaults": HierMoEConfig() as a user gets it (today dispatch="auto", overlap_chunks="auto")
+NEW = [(f"new {s} x{c}", "new", s, c) for c in (1, 4, 8) for s in ("a2a", "hd1", "hd2", "auto")] + [
+    ("new defaults", "new", None, None)]
+OLD = [(f"old {s}", "old", s, 1) for s in ("a2a", "hd1", "hd2", "auto")] + [("old defaults", "old", None, None)]
 HF = [("transformers all_to_all", "hf", "all_to_all", 1), ("transformers all_reduce", "hf", "all_reduce", 1)]
 
 
@@ -129,8 +131,9 @@ def worker(args, group: str) -> dict:
                     g = torch.Generator().manual_seed(100)
                     T = T * W
             else:
-                kw = {"overlap_chunks": chunks} if group == "new" else {}
-                cfg = hiermoe_hf.HierMoEConfig(dispatch=strategy, kernels="torch", **kw)  # topology: launcher
+                kw = {"overlap_chunks": chunks} if group == "new" and chunks is not None else {}
+                kw.update({"dispatch": strategy, "kernels": "torch"} if strategy is not None else {})
+                cfg = hiermoe_hf.HierMoEConfig(**kw)  # topology: launcher
                 hiermoe_hf.patch(model, cfg)
             x = torch.randn(1, T, H, generator=g)
             grad = torch.randn(1, T, H, generator=g)
@@ -149,7 +152,8 @@ def worker(args, group: str) -> dict:
             if group != "hf":
                 st = hiermoe_hf.stats(model)
                 layer = next(iter(st.values()))
-                entry["strategy"] = layer["strategy"]
+                entry["strategy"] = layer["strategy"] + (f" x{layer['overlap_chunks']}" if "overlap_chunks" in layer else "")
+                entry["measured_ms_by_chunks"] = layer.get("measured_ms_by_chunks")
                 inter = [s for s in layer["stages"] if s["name"] in ("inter-node", "flat")]
                 mine = torch.tensor([float(sum(s["bytes_sent"] for s in inter))])
                 entry["stages"] = [s["name"] for s in layer["stages"]]
@@ -162,12 +166,13 @@ def worker(args, group: str) -> dict:
 
 
 def _warmup_steps(model) -> int:
-    """One warm-up step, plus the forwards in which ``auto`` times its candidates (cost/trials.py;
-    checkouts before it have none)."""
+    """One warm-up step, plus the forwards in which ``auto`` (and ``overlap_chunks="auto"``) time
+    their candidates (cost/trials.py; checkouts before it have none, before issue 18 no chunk phase)."""
     from hiermoe_hf.runtime.registry import runtime_of
 
     trials = getattr(runtime_of(model), "trials", None)
-    return 1 + (trials.trial_forwards if trials is not None and trials.chosen is None else 0)
+    deciding = getattr(trials, "deciding", trials is not None and trials.chosen is None)
+    return 1 + (trials.trial_forwards if trials is not None and deciding else 0)
 
 
 def _wanted(args, label: str) -> bool:

@@ -282,6 +282,17 @@ def test_env_vars_fill_unset_fields_and_explicit_arguments_win(monkeypatch):
     assert HierMoEPlugin(dispatch="a2a", swap_interval=0).swap_interval == 0
 
 
+def test_overlap_chunks_defaults_to_auto_and_takes_auto_or_an_integer_from_the_env(monkeypatch):
+    from hiermoe_hf.accelerate import HierMoEPlugin
+
+    monkeypatch.delenv("HIERMOE_OVERLAP_CHUNKS", raising=False)
+    assert HierMoEPlugin().overlap_chunks == "auto" and HierMoEPlugin().config().overlap_chunks == "auto"
+    for raw, want in (("auto", "auto"), ("AUTO", "auto"), ("4", 4), ("1", 1)):
+        monkeypatch.setenv("HIERMOE_OVERLAP_CHUNKS", raw)
+        assert HierMoEPlugin().config().overlap_chunks == want
+    assert HierMoEPlugin(overlap_chunks=2).overlap_chunks == 2  # an argument wins
+
+
 @pytest.mark.parametrize(
     "env,value,needles",
     [
@@ -291,6 +302,8 @@ def test_env_vars_fill_unset_fields_and_explicit_arguments_win(monkeypatch):
         ("HIERMOE_KERNELS", "cuda", ["HIERMOE_KERNELS", "'cuda'", "triton", "torch"]),
         ("HIERMOE_TOPOLOGY", "2by2", ["HIERMOE_TOPOLOGY", "2by2"]),
         ("HIERMOE_SWAP_POLICY", "random", ["HIERMOE_SWAP_POLICY", "'random'", "hierd", "load"]),
+        ("HIERMOE_OVERLAP_CHUNKS", "many", ["HIERMOE_OVERLAP_CHUNKS", "'many'", "'auto'", "integer"]),
+        ("HIERMOE_OVERLAP_CHUNKS", "0", ["HIERMOE_OVERLAP_CHUNKS", "0", "'auto'", "1"]),
     ],
 )
 def test_bad_env_values_name_the_variable_and_the_choices(monkeypatch, env, value, needles):

@@ -95,14 +95,13 @@ def _watch_forwards(model, counter: Counter, hooks: bool = False) -> None:
 
 
 def count_step(
-    model_name: str, strategy: str, overlap_chunks: int | None = None, meter: bool = False,
+    model_name: str, strategy: str, overlap_chunks: int | str = 1, meter: bool = False,
     cost_model: str | None = "hiermoe-paper", warmup_steps: int = 1,
 ) -> dict:
     cfg = tiny_qwen3_moe_config() if model_name == "qwen3_moe" else tiny_deepseek_v3_config()
     model = build_model(cfg).train()
-    kw = {} if overlap_chunks is None else {"overlap_chunks": overlap_chunks}
     cfg = hiermoe_hf.HierMoEConfig(
-        topology="2x2", dispatch=strategy, kernels="torch", cost_model=cost_model, **kw
+        topology="2x2", dispatch=strategy, kernels="torch", cost_model=cost_model, overlap_chunks=overlap_chunks
     )
     hiermoe_hf.patch(model, cfg)
     if meter:  # what the plugin and the callback attach: it must add no host read per layer
@@ -130,6 +129,7 @@ def count_step(
         "hidden_syncs": fwd.total("sync.") + bwd.total("sync."),
         "calls": {"forward": fwd.calls, "backward": bwd.calls},
         "strategies": [s["strategy"] for s in stats.values()],
+        "chunks": [s["overlap_chunks"] for s in stats.values()],
     }
 
 
@@ -141,8 +141,10 @@ def _per_layer(result: dict) -> dict:
 
 
 def _assert_costs_what_it_ran(r: dict, fixed: dict) -> None:
-    """``auto``'s step costs exactly the sum of the fixed strategies' per-layer costs it ran."""
-    want = {k: sum(fixed[s][k] for s in r["strategies"]) for k in COSTS}
+    """``auto``'s step costs exactly the sum of the fixed strategies' per-layer costs it ran (keyed by
+    strategy, or by (strategy, chunks) for a timed chunk count)."""
+    ran = r["strategies"] if isinstance(next(iter(fixed)), str) else list(zip(r["strategies"], r["chunks"]))
+    want = {k: sum(fixed[s][k] for s in ran) for k in COSTS}
     got = {k: r[k] for k in COSTS}
     assert got == want, (r["strategies"], got, want, r["calls"])
 
@@ -176,6 +178,27 @@ def test_timed_auto_is_free_during_and_after_its_trials(ranks, model_name):
         for r in pool.run(count_step, model_name, "auto", cost_model=None, warmup_steps=warmup):
             if during:
                 assert r["strategies"] == ["hd2"] * r["layers"], r["strategies"]
+            _assert_costs_what_it_ran(r, fixed)
+
+
+@pytest.mark.parametrize("model_name", ["qwen3_moe", "deepseek_v3"])
+def test_timed_overlap_chunks_are_free_during_and_after_their_trials(ranks, model_name):
+    """The defaults (``overlap_chunks="auto"`` after the timed strategy, ``cost/trials.py``): a step
+    in the chunk phase (x4), the step that decides (counted in 4 chunks, run in 1 or 4: its
+    counts merged on the host) and one after cost exactly what they ran: 1 host read per layer
+    forward, none in the backward, no hidden sync, the collectives of that strategy and chunk count."""
+    from hiermoe_hf.cost.trials import OVERLAP_CHUNKS, TIMED_ROUNDS
+
+    pool = ranks(4)
+    fixed = {(s, c): _per_layer(pool.run(count_step, model_name, s, c)[0]) for s in ("hd1", "hd2")
+             for c in (1, OVERLAP_CHUNKS)}
+    decide = 3 * (1 + TIMED_ROUNDS)  # warm-up steps before the deciding forward
+    for warmup in (7, decide, decide + 1):
+        for r in pool.run(count_step, model_name, "auto", "auto", cost_model=None, warmup_steps=warmup):
+            if warmup == 7:
+                assert r["chunks"] == [OVERLAP_CHUNKS] * r["layers"], r  # the kept strategy in 4 chunks
+            per = _per_layer(r)
+            assert per["forward_reads"] == 1 and per["backward_reads"] == 0 and per["hidden_syncs"] == 0, r["calls"]
             _assert_costs_what_it_ran(r, fixed)
 
 

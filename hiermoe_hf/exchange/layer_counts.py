@@ -9,7 +9,8 @@ reads the device. The choice is one of three (``exchange_chunk_counts``' ``choic
 ``Priced`` (``auto`` with a cost model: the candidates priced on the device by
 ``pricing.forward_exchange_seconds``, identical float arithmetic on identical inputs, ``argmin``
 breaking ties towards the earlier candidate); ``cost.trials.LayerTrial`` (``auto`` without
-one: the previous forward's timing rides in extra slots of the same vector).
+one, or ``overlap_chunks="auto"``: the previous forward's timing rides in extra slots of the same
+vector).
 
 Shapes: W ranks, S group members, T tokens, K selections, C candidates.
 """
@@ -150,6 +151,29 @@ class Priced:
         return self.candidates[head]
 
 
+def merged(chunk_counts: list[LayerCounts]) -> LayerCounts:
+    """One unchunked layer's counts from its chunks' (a timed chunk decision counts in several chunks
+    before it knows that 1 wins): rows of different tokens are never merged, so every split size,
+    the arriving rows and the load add up over the chunks (host ints and one device add, no read)."""
+    first = chunk_counts[0]
+    splits = tuple(
+        StageSplits(
+            parts[0].stage,
+            [sum(col) for col in zip(*(p.send for p in parts))],
+            [sum(col) for col in zip(*(p.recv for p in parts))],
+        )
+        for parts in zip(*(cc.splits for cc in chunk_counts))
+    )
+    return LayerCounts(
+        strategy=first.strategy,
+        splits=splits,
+        arriving=sum(cc.arriving for cc in chunk_counts),
+        load_per_rank=torch.stack([cc.load_per_rank for cc in chunk_counts]).sum(0),
+        candidates=first.candidates,
+        predicted_ms=first.predicted_ms,
+    )
+
+
 def exchange_counts(
     topology: Topology,
     group,
@@ -178,7 +202,8 @@ def exchange_chunk_counts(
     chunk's split sizes still come from one collective and one host read; a priced choice prices the
     whole layer (the chunks' counts summed), so chunking never changes it.
 
-    choice: ``Fixed``, ``Priced`` or ``cost.trials.LayerTrial``: which strategies to count
+    choice: ``Fixed``, ``Priced`` or ``cost.trials.LayerTrial`` (timed: the strategy, the chunk count
+    or both; around a ``Fixed``/``Priced`` base when it times only the chunks): which strategies to count
     (``counting``), this rank's extra int64 slots summed with the counts (``extra``: a trial's
     timing), the device-side choice (``head``) and the strategy from what the host read
     (``pick``). ``timeout_s``: how long to wait for the other ranks' counts (``exchange/bounded.py``)

@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from hiermoe_hf.exchange.comm import meta_row_bytes, whole_group
-from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch, stage_stats
+from hiermoe_hf.exchange.dispatcher import DispatchHandle, ExchangePlan, combine, dispatch, stage_stats
 from hiermoe_hf.exchange.experts import local_experts_forward
-from hiermoe_hf.exchange.layer_counts import Fixed, LayerCounts, Priced, exchange_chunk_counts
+from hiermoe_hf.exchange.layer_counts import Fixed, LayerCounts, Priced, exchange_chunk_counts, merged
 from hiermoe_hf.exchange.pipeline import pipelined_layer
 from hiermoe_hf.kernels import select_ops
 from hiermoe_hf.runtime import guards
@@ -31,8 +31,8 @@ def experts_forward(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, to
 def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_TK: torch.Tensor, side=None):
     """The routed experts of one block over the exchange -> (out_TH, side() or None).
 
-    ``side`` (DeepSeek-V3's shared experts, ``overlap_chunks`` > 1) runs while the routed tokens are
-    in flight; without an exchange it runs after the experts.
+    ``side`` (DeepSeek-V3's shared experts, when ``overlap_chunks`` may exceed 1) runs while the
+    routed tokens are in flight; unchunked or without an exchange it runs after the experts.
     """
     layer: LayerState = getattr(self, LAYER_ATTR)
     rt = layer.runtime
@@ -56,8 +56,11 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
     # they carry partial sums. The block returns its input's dtype, as Transformers' experts do.
     x_TH = hidden_TH.to(_compute_dtype(hidden_TH))
     sum_dtype = torch.promote_types(hidden_TH.dtype, getattr(self, layer.param_names[0]).dtype)
-    C = rt.config.overlap_chunks
-    chunk_counts = _count(rt, layer, recompute, torch.tensor_split(phys_TK // e, C), x_TH)  # 1 collective, 1 read
+    counted = _chunks(rt, layer.name, recompute)
+    chunk_counts = _count(rt, layer, recompute, torch.tensor_split(phys_TK // e, counted), x_TH)  # 1 collective, 1 read
+    C = counted if rt.trials is None else rt.trials.chunks_run(layer.name)
+    if C != counted:  # a timed chunk decision counted in chunks and 1 won
+        chunk_counts = [merged(chunk_counts)]
     first = chunk_counts[0]
     strategy = first.strategy
     plan = ExchangePlan.build(rt.topology, rt.groups, strategy, e)
@@ -65,6 +68,7 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
     meta_bytes = meta_row_bytes(K, topk_w_TK.dtype)
     predicted = {} if first.predicted_ms is None else dict(zip(first.candidates, first.predicted_ms.unbind()))
     trials = rt.trials
+    timed_strategy = trials is not None and bool(trials.candidates)
 
     def record(handle, spans, expert_rows=None) -> ForwardRecord:
         return ForwardRecord(
@@ -76,9 +80,11 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
             predicted_ms=predicted.get(strategy),
             predicted_ms_by_strategy=predicted,
             measured_ms=Elapsed(*spans),
-            cost_model=rt.cost_model.source if trials is None else trials.source(),
-            cost_model_defaults=bool(rt.cost_model.defaults_used) if trials is None else False,
-            measured_ms_by_strategy=None if trials is None else trials.measured_ms(),
+            cost_model=trials.source() if timed_strategy else rt.cost_model.source,
+            cost_model_defaults=False if timed_strategy else bool(rt.cost_model.defaults_used),
+            measured_ms_by_strategy=trials.measured_ms() if timed_strategy else None,
+            overlap_chunks=C,
+            measured_ms_by_chunks=trials.measured_ms_by_chunks() if _times_chunks(trials) else None,
             expert_rows=expert_rows,
             recompute=recompute,
         )
@@ -96,6 +102,7 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
         side_out = side() if side is not None else None
         t3 = Elapsed.mark(hidden_TH)
         layer.last = replace(layer.last, measured_ms=Elapsed((t0, t1), (t2, t3)), expert_rows=counts_e.sum())
+        whole = Elapsed((t0, t3))
     else:
         rows = []
 
@@ -110,8 +117,9 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
         out_TH, handle, side_out = pipelined_layer(x_TH, phys_TK, topk_w_TK, plan, ops, chunk_counts, experts_fn, side)
         out_TH = out_TH.to(hidden_TH.dtype)
         layer.last = record(handle, ((t0, Elapsed.mark(hidden_TH)),), torch.stack(rows).sum())  # experts included
-    if trials is not None:
-        trials.ran(layer.last.measured_ms)
+        whole = layer.last.measured_ms
+    if trials is not None:  # the whole layer: chunked and unchunked runs compare like with like
+        trials.ran(whole)
     if layer.records_routing:
         if not recompute:  # the window holds each routing once; this forward is one exchange pass
             layer.routing.record(topk_ids_TK, placement.num_experts, training=False)
@@ -156,17 +164,29 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _chunks(rt: Runtime, name: str, recompute: bool) -> int:
+    """The chunks a layer's forward counts its tokens in: the given ``overlap_chunks``, or the timed
+    schedule's (``cost/trials.py``; host state, no read)."""
+    return rt.config.overlap_chunks if rt.trials is None else rt.trials.chunks(name, recompute)
+
+
+def _times_chunks(trials) -> bool:
+    return trials is not None and len(trials.chunk_options) > 1
+
+
 def _count(
     rt: Runtime, layer: LayerState, recompute: bool, dest_chunks: tuple[torch.Tensor, ...], x_TH: torch.Tensor
 ) -> list[LayerCounts]:
     """Split sizes of every stage of every chunk (and, for ``auto``, the choice) from one collective
-    and one host read."""
+    and one host read. Timed trials (``rt.trials``) choose the strategy, or only the chunk count
+    around a fixed or priced strategy."""
     if rt.config.dispatch != "auto":
-        choice = Fixed(rt.config.dispatch)
-    elif rt.trials is not None:
-        choice = rt.trials.layer(layer.name, recompute)
+        base = Fixed(rt.config.dispatch)
+    elif rt.trials is not None and rt.trials.candidates:
+        base = None  # the trials time the strategies
     else:
-        choice = Priced(tuple(rt.topology.strategies()), rt.cost_model)
+        base = Priced(tuple(rt.topology.strategies()), rt.cost_model)
+    choice = base if rt.trials is None else rt.trials.layer(layer.name, recompute, base)
     row_bytes = x_TH.shape[1] * x_TH.element_size()
     return exchange_chunk_counts(
         rt.topology, whole_group(rt.topology, rt.groups), rt.rank, choice, list(dest_chunks), row_bytes,

@@ -13,7 +13,7 @@ from hiermoe_hf.checkpoint.save import save_pretrained
 from hiermoe_hf.config import HierMoEConfig, naming_env
 from hiermoe_hf.cost.calibration import PATCH_CALIBRATION, calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
-from hiermoe_hf.cost.trials import StrategyTrials, trial_candidates
+from hiermoe_hf.cost.trials import StrategyTrials, chunk_candidates, trial_candidates
 from hiermoe_hf.exchange.bounded import resolve_timeout
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
@@ -85,7 +85,7 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
         experts.forward = types.MethodType(experts_forward, experts)
         block = model.get_submodule(site.block_name)
         hooks = patches.block_hooks(block)
-        if world_size > 1 and config.overlap_chunks > 1 and hooks is not None:
+        if world_size > 1 and max(chunk_candidates(config.overlap_chunks)) > 1 and hooks is not None:
             # work beside the routed experts (shared experts) runs while the routed tokens travel
             block.forward = types.MethodType(_block_forward(hooks), block)
     setattr(model, STATE_ATTR, runtime)
@@ -152,12 +152,14 @@ def process_groups(layout: EPLayout) -> tuple[object, object]:
 
 
 def _trials(config: HierMoEConfig, topology: Topology) -> StrategyTrials | None:
-    """``dispatch="auto"`` without a cost model times its candidates (``cost/trials.py``); with one
-    candidate (one level) there is nothing to time."""
-    if config.dispatch != "auto" or config.cost_model is not None or topology.world_size == 1:
+    """The timed choices (``cost/trials.py``): ``dispatch="auto"`` without a cost model times its
+    strategies (with one candidate, one level, there is nothing to time), ``overlap_chunks="auto"``
+    times 1 against ``trials.OVERLAP_CHUNKS`` chunks; None when neither is timed."""
+    timed = config.dispatch == "auto" and config.cost_model is None
+    chunks = chunk_candidates(config.overlap_chunks)
+    if topology.world_size == 1 or (not timed and len(chunks) == 1):
         return None
-    candidates = trial_candidates(topology)
-    return StrategyTrials(candidates, topology.world_size, chosen=candidates[0] if len(candidates) == 1 else None)
+    return StrategyTrials(trial_candidates(topology) if timed else (), topology.world_size, chunks)
 
 
 def _cost_model(config: HierMoEConfig, topology: Topology, groups: StageGroups | None):

@@ -37,7 +37,7 @@ class Runtime:
     layout: EPLayout | None = None  # None: one group spanning the world of topology.world_size ranks
     ep_group: object = None  # process group of this rank's expert-parallel group (None: one rank)
     replica_group: object = None  # process group of the ranks holding the same experts (None: no replicas)
-    trials: StrategyTrials | None = None  # dispatch="auto" without a cost model: the timed choice
+    trials: StrategyTrials | None = None  # the timed choice: auto's strategy, overlap_chunks="auto"
     collective_timeout_s: float = DEFAULT_TIMEOUT_S  # config's collective_timeout_s, resolved once at patch
 
     @property
@@ -99,7 +99,9 @@ class ForwardRecord:
     None at world size 1 (Transformers' own forward ran), where ``stats`` leaves them out.
     recompute: this forward was a gradient-checkpointing recompute (run inside a backward).
     measured_ms_by_strategy: ``dispatch="auto"`` without a cost model only: each candidate's timed
-    exchange so far (``cost.trials``), else None.
+    forward (one pass over the MoE layers, ms) so far (``cost.trials``), else None.
+    overlap_chunks: the token chunks this forward ran in; measured_ms_by_chunks: with
+    ``overlap_chunks="auto"`` only, chunk count -> its timed forward so far (the strategy kept), else None.
     """
 
     strategy: str
@@ -115,6 +117,8 @@ class ForwardRecord:
     cost_model_defaults: bool | None = None
     expert_rows: torch.Tensor | None = None
     recompute: bool = False
+    overlap_chunks: int | None = None
+    measured_ms_by_chunks: dict | None = None
 
     @property
     def exchanged(self) -> bool:

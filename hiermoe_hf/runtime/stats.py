@@ -44,10 +44,12 @@ def stats(model: torch.nn.Module) -> dict[str, dict]:
     ``max_peer_rows`` — rows to/from *other* ranks), ``load_per_rank`` (this rank's selections per
     destination rank), ``swaps``, and with an exchange the cost model's view: ``predicted_ms``
     (chosen strategy; ``dispatch="auto"`` only, else None), ``predicted_ms_by_strategy``,
-    ``measured_ms`` (forward dispatch + combine wall time), ``cost_model`` (where its constants came
-    from; ``measured: ...`` when ``auto`` times its candidates), ``cost_model_defaults``,
-    ``measured_ms_by_strategy`` (that timing's kept ms per candidate, else None) and
-    ``expert_rows``; always ``replicas`` (copies of the
+    ``measured_ms`` (forward dispatch + combine wall time; with chunks, the whole pipelined layer),
+    ``cost_model`` (where its constants came from; ``measured: ...`` when ``auto`` times its
+    candidates), ``cost_model_defaults``, ``measured_ms_by_strategy`` (that timing's kept ms per
+    candidate: one pass over the MoE layers, exchange and experts; else None), ``overlap_chunks``
+    (the token chunks this forward ran in), ``measured_ms_by_chunks`` (``overlap_chunks="auto"``
+    only: chunk count -> its kept ms, else None) and ``expert_rows``; always ``replicas`` (copies of the
     expert-parallel group, W / ep_size) and ``expert_grad_allreduce_bytes`` (bytes this rank sends per
     optimizer step summing this layer's expert grads over the replicas: a ring all-reduce, 0 without).
     """

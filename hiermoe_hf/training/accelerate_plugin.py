@@ -79,7 +79,9 @@ class HierMoEPlugin:
         default=None, metadata=_help("calibration JSON, preset or 'calibrate'; unset: auto times its candidates")
     )
     swap_pairs: int | None = field(default=None, metadata=_help("expert pairs exchanged per swap round"))
-    overlap_chunks: int | None = field(default=None, metadata=_help("token chunks pipelined per MoE layer; 1 = none"))
+    overlap_chunks: int | str | None = field(
+        default=None, metadata=_help("token chunks pipelined per MoE layer; 1 = none; 'auto' = timed (default)")
+    )
     ep_size: int | None = field(
         default=None, metadata=_help("ranks per expert-parallel group; unset = the world (HIERMOE_EP_SIZE)")
     )
