@@ -81,8 +81,9 @@ class StrategyTrials:
         if self.chosen is not None:
             return torch.zeros(0, dtype=torch.int64, device=device)
         timed = self.pending is not None and self.pending[0] is not None and self.pending[1] is not None
-        us = round(1e3 * self.pending[1].ms()) if timed else 0  # None: that forward raised before its end
-        return torch.tensor([us], dtype=torch.int64, device=device)
+        if timed:  # device-side (no event wait, no host->device copy): runtime.state.Elapsed
+            return self.pending[1].microseconds(device)
+        return torch.zeros(1, dtype=torch.int64, device=device)  # None: that forward raised before its end
 
     def pick(self, layer: str, summed_us: list[int], recompute: bool = False) -> str:
         """The strategy of ``layer``'s forward, given the count exchange's sum of ``extra``; advances.
