@@ -53,6 +53,7 @@ SYNC_ATEN = {
     aten.unique_dim.default, aten._unique2.default, aten._unique.default, aten.unique_consecutive.default,
     aten.equal.default, aten.is_nonzero.default, aten.argwhere.default, aten.nonzero_numpy.default,
 }
+ASYNC_ASSERTS = {aten._assert_async.default, aten._assert_async.msg}
 BOOL_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 EVENT_WAITS = (
     (torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda, "synchronize"),
@@ -158,6 +159,9 @@ class _Aten(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         w = self.watch
+        if func in ASYNC_ASSERTS:  # a device assert on a GPU; on CPU it reads the flag at once
+            with w.reading():
+                return func(*args, **kwargs)
         if func in SYNC_ATEN:
             w.bump(f"sync.{func.__name__}")
         elif func is aten._local_scalar_dense.default and not w.in_read:

@@ -37,6 +37,8 @@ def _nonzero(mask: torch.Tensor, size: int | None) -> tuple[torch.Tensor, ...]:
     static form, which needs no host sync on a GPU."""
     if size is None:
         return mask.nonzero(as_tuple=True)
+    # nonzero_static pads or truncates silently: check the count exchange's size on the device (no sync)
+    torch._assert_async(mask.sum() == size, "layout rows differ from the count exchange's size")
     return torch.nonzero_static(mask, size=size).unbind(1)
 
 

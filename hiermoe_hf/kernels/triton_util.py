@@ -5,6 +5,7 @@ Kept apart from the kernels so the three kernel families share one rule for "int
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -97,6 +98,13 @@ def check_tensor(t: torch.Tensor) -> None:
             f"Triton kernels got a {t.device.type} tensor but are compiled for CUDA; "
             "set TRITON_INTERPRET=1 before importing hiermoe_hf.kernels to run them on CPU"
         )
+
+
+def device_guard(t: torch.Tensor):
+    """Launch under ``t``'s device: Triton launches on the *current* device's stream, so a rank whose
+    tensors are on ``cuda:k`` without ``torch.cuda.set_device(k)`` would hand device-k pointers to
+    device 0 (GPU_REVIEW.md #4). No-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def acc_tl(dtype: torch.dtype):
