@@ -19,12 +19,11 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
+from sync_watch import SyncWatch
 
 import hiermoe_hf
 from hiermoe_hf.runtime.registry import moe_layers
 from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qwen3_moe_config
-
-from sync_watch import SyncWatch
 
 COLLECTIVES = (
     "all_to_all_single", "all_to_all", "all_reduce", "all_gather", "all_gather_into_tensor",

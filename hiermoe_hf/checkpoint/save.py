@@ -34,6 +34,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from hiermoe_hf.checkpoint import safetensors_layout
 from hiermoe_hf.checkpoint.atomic_folder import partial_folder, publish
 from hiermoe_hf.checkpoint.keys import expert_key, fused_key, row_parts
+from hiermoe_hf.runtime.devices import comm_device as comm_device_of
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
 GATHER_BYTES = 64 * 2**20  # bytes moved to rank 0 per round; bounds rank 0's extra memory during a save
@@ -133,7 +134,7 @@ def save_pretrained(
             os.makedirs(partial)
         except Exception:  # noqa: BLE001  (reported to every rank below, after the collective part)
             error = traceback.format_exc()
-    comm_device = _comm_device()
+    comm_device = comm_device_of(model)  # the model's GPU under NCCL, not the current device
     for name, ordered in files.items():
         error = _write_file(model, os.path.join(partial, name), ordered, world, rank, comm_device, error)
     if rank == 0 and error is None:
@@ -221,10 +222,6 @@ def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int) -> N
         raise ValueError("ranks disagree on the checkpoint layout (different models or placements on different ranks)")
 
 
-def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _gather_sharded(model: torch.nn.Module, round_: list[Piece]) -> dict[str, torch.Tensor]:
@@ -266,6 +263,16 @@ def _rounds(pieces: list[Piece]) -> list[list[Piece]]:
     return rounds
 
 
+def _batched_p2p(ops: list) -> None:
+    """Run point-to-point ops through ``batch_isend_irecv`` and wait: on NCCL a batch uses the group's
+    communicator, where plain ``send``/``recv`` would open one 2-rank communicator per rank pair
+    (GPU_REVIEW.md #7). The save's ``all_gather_object`` ran first, so a batch may involve only some
+    ranks (NCCL requires every rank only in a group's first collective)."""
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
 def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | None:
     """Stream one safetensors file: header, then each round's bytes as rank 0 receives them.
 
@@ -286,15 +293,17 @@ def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | 
         if rank != 0:
             mine = [_piece_bytes(model, p, layers) for p in round_ if p.owner == rank]
             if mine:
-                dist.send(torch.cat(mine).to(comm_device), dst=0)
+                _batched_p2p([dist.P2POp(dist.isend, torch.cat(mine).to(comm_device), 0)])
             continue
-        received = {}
+        received, ops = {}, []
         for src in range(1, world):
             size = sum(p.nbytes for p in round_ if p.owner == src)
             if size:
                 buf = torch.empty(size, dtype=torch.uint8, device=comm_device)
-                dist.recv(buf, src=src)
-                received[src] = (buf.cpu(), 0)
+                ops.append(dist.P2POp(dist.irecv, buf, src))
+                received[src] = buf
+        _batched_p2p(ops)
+        received = {src: (buf.cpu(), 0) for src, buf in received.items()}
         if error is not None:
             continue
         try:

@@ -147,7 +147,8 @@ def crossing_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage, lev
     dev = counts_WS.device
     div = topology.stride(stage.hi)
     src_W = torch.arange(W, device=dev)
-    dst_WS = src_W.view(W, 1) + (torch.arange(S, device=dev).view(1, S) - own_member(topology, stage, dev).view(W, 1)) * div
+    own_W1 = own_member(topology, stage, dev).view(W, 1)
+    dst_WS = src_W.view(W, 1) + (torch.arange(S, device=dev).view(1, S) - own_W1) * div
     span = topology.stride(level)
     crosses = (src_W.view(W, 1) // span) != (dst_WS // span)
     return torch.where(crosses, counts_WS, torch.zeros((), dtype=counts_WS.dtype, device=dev)).sum()

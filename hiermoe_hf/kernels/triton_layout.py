@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_util
+from . import reference, triton_util
 from .reference import ExpandLayout, StageLayout
-from . import reference
 from .triton_util import check_tensor, device_guard, interpreting, pow2
 
 
