@@ -1,6 +1,6 @@
 """scripts/gpu_check runs its CPU-checkable parts (grouped GEMM vs loop, the one-rank layer path vs
-Transformers' experts, fp32 experts, the one-rank world exchange on gloo) so the GPU script cannot rot between GPU runs; without a GPU and without
---cpu it refuses with exit code 2."""
+Transformers' experts, fp32 experts, the one-rank world exchange on gloo) so the GPU script cannot
+rot between GPU runs; without a GPU and without --cpu it refuses with exit code 2."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def test_only_sync_warnings_count():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warnings.warn("some deprecation", UserWarning)
-        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("some deprecation", UserWarning, stacklevel=1)
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
     assert sync_warnings(caught) == ["called a synchronizing CUDA operation"]
 
 
