@@ -121,8 +121,9 @@ def row_blocks(rows: int, width: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_W) for row-gather style kernels over ``rows`` rows of ``width`` elements.
 
     On a GPU: 1024-wide chunks (16-byte vector loads, H=7168 splits evenly), about 4096 elements and
-    at most 1024 rows per program (no register spill on sm_80/90/100: tests/test_triton_aot.py). In the interpreter each program and loop step costs Python time, so one block
-    covers the whole width and many rows.
+    at most 1024 rows per program (no register spill on sm_80/90/100: tests/test_triton_aot.py). In
+    the interpreter each program and loop step costs Python time, so one block covers the whole width
+    and many rows.
     """
     if device.type == "cuda" and not interpreting():
         block_w = BLOCK_W_OVERRIDE or min(pow2(width), 1024)
