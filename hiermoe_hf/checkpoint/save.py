@@ -34,6 +34,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from hiermoe_hf.checkpoint import safetensors_layout
 from hiermoe_hf.checkpoint.atomic_folder import partial_folder, publish
 from hiermoe_hf.checkpoint.keys import expert_key, fused_key, row_parts
+from hiermoe_hf.exchange import bounded
 from hiermoe_hf.runtime.devices import comm_device as comm_device_of
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
@@ -123,7 +124,7 @@ def save_pretrained(
         max_shard_size=max_shard_size,
     )
     files = {name: _data_order([entries[k] for k in keys]) for name, keys in split.filename_to_tensors.items()}
-    _check_same_plan(files, world)
+    _check_same_plan(files, world, runtime.collective_timeout_s, comm_device_of(model))
 
     error = None
     partial = partial_folder(target)
@@ -134,7 +135,7 @@ def save_pretrained(
             os.makedirs(partial)
         except Exception:  # noqa: BLE001  (reported to every rank below, after the collective part)
             error = traceback.format_exc()
-    comm_device = comm_device_of(model)  # the model's GPU under NCCL, not the current device
+    comm_device = comm_device_of(model)  # the model's GPU under NCCL, not the current device (#9)
     for name, ordered in files.items():
         error = _write_file(model, os.path.join(partial, name), ordered, world, rank, comm_device, error)
     if rank == 0 and error is None:
@@ -207,8 +208,11 @@ def _data_order(entries: list[Entry]) -> list[tuple[Entry, str]]:
     return [(by_key[k], dtype) for k, dtype in safetensors_layout.data_order({e.key: e.dtype for e in entries})]
 
 
-def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int) -> None:
-    """Every rank must walk the same files and pieces, or the exchange would hang; check it once."""
+def _check_same_plan(
+    files: dict[str, list[tuple[Entry, str]]], world: int, timeout_s: float, device: torch.device
+) -> None:
+    """Every rank must walk the same files and pieces, or the exchange would hang; check it once. The
+    save's first collective: it waits at most ``timeout_s`` for ranks that never called the save."""
     if world == 1:
         return
     digest = hashlib.sha256()
@@ -216,9 +220,11 @@ def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int) -> N
         digest.update(name.encode())
         for entry, _ in ordered:
             digest.update(repr((entry.key, entry.shape, [(p.owner, p.nbytes) for p in entry.pieces])).encode())
-    seen = [None] * world
-    dist.all_gather_object(seen, digest.hexdigest())
-    if len(set(seen)) != 1:
+    mine = torch.tensor(list(digest.digest()), dtype=torch.int64, device=device)
+    seen = [torch.empty_like(mine) for _ in range(world)]
+    work = dist.all_gather(seen, mine, async_op=True)
+    bounded.wait(work, timeout_s, "save_pretrained (a collective save: every rank calls it, rank 0 writes)")
+    if not all(torch.equal(s, mine) for s in seen):
         raise ValueError("ranks disagree on the checkpoint layout (different models or placements on different ranks)")
 
 
@@ -266,7 +272,7 @@ def _rounds(pieces: list[Piece]) -> list[list[Piece]]:
 def _batched_p2p(ops: list) -> None:
     """Run point-to-point ops through ``batch_isend_irecv`` and wait: on NCCL a batch uses the group's
     communicator, where plain ``send``/``recv`` would open one 2-rank communicator per rank pair
-    (GPU_REVIEW.md #7). The save's ``all_gather_object`` ran first, so a batch may involve only some
+    (GPU_REVIEW.md #7). The save's plan check (an all_gather) ran first, so a batch may involve only some
     ranks (NCCL requires every rank only in a group's first collective)."""
     if ops:
         for work in dist.batch_isend_irecv(ops):

@@ -13,6 +13,7 @@ from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.cost.calibration import PATCH_CALIBRATION, calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.cost.trials import StrategyTrials, trial_candidates
+from hiermoe_hf.exchange.bounded import resolve_timeout
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
 from hiermoe_hf.runtime import generate, guards, registry
@@ -74,7 +75,7 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
     groups = StageGroups(topology, rank, layout.replica, layout.replicas) if world_size > 1 else None
     runtime = Runtime(
         config, topology, rank, groups, adapter.MODEL_TYPE, _cost_model(config, topology, groups), layout,
-        ep_group, replica_group, _trials(config, topology),
+        ep_group, replica_group, _trials(config, topology), resolve_timeout(config.collective_timeout_s),
     )
     for name, block in blocks:
         experts = block.experts
