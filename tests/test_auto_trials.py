@@ -31,6 +31,9 @@ class _Ms:
     def ms(self) -> float:
         return self._ms
 
+    def microseconds(self, device: torch.device) -> torch.Tensor:
+        return torch.full((1,), round(1e3 * self._ms), dtype=torch.int64, device=device)
+
 
 def _drive(trials: StrategyTrials, layers: list[str], summed_us: list[list[int]]) -> list[list[str]]:
     """One pass over ``layers`` per row of ``summed_us``; ``summed_us[p][i]``: the sum over ranks of

@@ -1,6 +1,6 @@
 """scripts/gpu_check runs its CPU-checkable parts (grouped GEMM vs loop, the one-rank layer path vs
-Transformers' experts) so the GPU script cannot rot between GPU runs; without a GPU and without
---cpu it refuses with exit code 2."""
+Transformers' experts, fp32 experts, the one-rank world exchange on gloo) so the GPU script cannot
+rot between GPU runs; without a GPU and without --cpu it refuses with exit code 2."""
 
 from __future__ import annotations
 
@@ -28,6 +28,26 @@ def test_gpu_check_cpu_parts(tmp_path):
     assert res["ok"] and res["grouped_vs_loop"]["grouped_available"]
     assert res["grouped_vs_loop"]["rel_diff"] <= 1e-5
     assert res["layer_torch"]["rel_diff_vs_transformers"] <= 1e-5
+    assert res["layer_fp32_experts"]["ok"]
+    # the one-rank world (gloo here): every stage a real collective, hd1/hd2 x 1/2/4 chunks, idle and busy
+    cases = res["world_exchange"]["cases"]
+    assert len(cases) == 12 and all(c["ok"] for c in cases), cases
+    assert {(c["strategy"], c["chunks"], c["busy"]) for c in cases} == {
+        (s, c, b) for s in ("hd1", "hd2") for c in (1, 2, 4) for b in (False, True)}
+
+
+def test_only_sync_warnings_count():
+    """GPU_REVIEW.md #17: a harmless UserWarning is not a synchronisation."""
+    import warnings
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_check_ranks import sync_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("some deprecation", UserWarning, stacklevel=1)
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+    assert sync_warnings(caught) == ["called a synchronizing CUDA operation"]
 
 
 def test_gpu_check_refuses_without_gpu(tmp_path):

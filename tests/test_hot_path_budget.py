@@ -1,12 +1,15 @@
-"""Collectives and host reads of one training step (issue 13): counted on 4 gloo ranks (2x2).
+"""Collectives, host reads and GPU syncs of one training step (issues 13, 18): 4 gloo ranks (2x2).
 
 Every ``torch.distributed`` collective the step issues is counted (a plain step without DDP runs
-none but the layer's). Host reads (``Tensor.tolist/item/cpu/numpy`` and ``int()/float()/bool()``
-of a tensor) are counted while the patched experts forward runs and over the whole backward (the
-only Python that runs in the backward is the exchange's autograd functions). ``bincount`` and
-``nonzero`` hide a host read on CUDA: they are counted too and must not appear. Budgets per MoE
-layer and step: ``hd2``/``2dh`` <= 9 collectives, ``a2a``/``hd1`` <= 5; one host read in the
-forward, none in the backward; ``auto`` costs exactly what the strategy it picked costs.
+none but the layer's). Host reads of device tensors (``Tensor.tolist/item/cpu/numpy`` and
+``int()/float()/bool()``) and everything else a CUDA stream would synchronise on (``sync_watch``:
+blocking H2D copies of host tensors, ``torch.tensor(host data, device=...)``, boolean-mask indexing,
+``nonzero``, hidden ``.item()`` in ATen, event waits) are counted while the patched experts forward
+and its hooks (the traffic meter) run and over the whole backward, on CPU tensors treated as device
+tensors. Budgets per MoE layer and step: ``hd2``/``2dh`` <= 9 collectives, ``a2a``/``hd1`` <= 5;
+one host read in the forward, none in the backward, no other sync; ``auto`` costs exactly what the
+strategy it picked costs; with the plugin's traffic meter attached and for ``auto`` (timed and
+priced) the same 1/0/0.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
+from sync_watch import SyncWatch
 
 import hiermoe_hf
 from hiermoe_hf.runtime.registry import moe_layers
@@ -26,50 +30,46 @@ COLLECTIVES = (
     "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "barrier", "send", "recv",
     "isend", "irecv", "batch_isend_irecv", "all_gather_object", "broadcast_object_list",
 )
-HOST_READS = ("tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
-HIDDEN_SYNCS = ("bincount", "nonzero")
 BUDGET = {"a2a": 5, "hd1": 5, "2dh": 9, "hd2": 9}
 
 
 class Counter:
-    """Counts calls while installed; host reads only while ``active``."""
+    """Collectives (always, once installed) and ``SyncWatch``'s reads and syncs (while ``active``)."""
 
-    def __init__(self):
-        self.calls: dict[str, int] = {}
-        self.active = False
+    def __init__(self, watch: SyncWatch):
+        self.watch = watch
+        self.collectives: dict[str, int] = {}
 
-    def bump(self, key: str, counted: bool = True) -> None:
-        if counted:
-            self.calls[key] = self.calls.get(key, 0) + 1
+    @property
+    def active(self) -> bool:
+        return self.watch.active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self.watch.active = value
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return {**self.collectives, **self.watch.calls}
 
     @contextlib.contextmanager
     def installed(self):
         saved = []
-
-        def wrap(owner, name, key, always):
-            orig = getattr(owner, name)
-
-            def counted(*args, **kwargs):
-                self.bump(key, always or self.active)
-                return orig(*args, **kwargs)
-
-            saved.append((owner, name, orig))
-            setattr(owner, name, counted)
-
         for name in COLLECTIVES:
             if hasattr(dist, name):
-                wrap(dist, name, f"collective.{name}", True)
-        for name in HOST_READS:
-            wrap(torch.Tensor, name, f"read.{name}", False)
-        for name in HIDDEN_SYNCS:
-            wrap(torch, name, f"sync.{name}", False)
-        wrap(torch.Tensor, "nonzero", "sync.nonzero", False)
-        wrap(torch.Tensor, "bincount", "sync.bincount", False)
+                orig = getattr(dist, name)
+
+                def counted(*args, _orig=orig, _key=f"collective.{name}", **kwargs):
+                    self.collectives[_key] = self.collectives.get(_key, 0) + 1
+                    return _orig(*args, **kwargs)
+
+                saved.append((name, orig))
+                setattr(dist, name, counted)
         try:
             yield self
         finally:
-            for owner, name, orig in reversed(saved):
-                setattr(owner, name, orig)
+            for name, orig in reversed(saved):
+                setattr(dist, name, orig)
 
     def total(self, prefix: str) -> int:
         return sum(v for k, v in self.calls.items() if k.startswith(prefix))
@@ -98,8 +98,12 @@ def count_step(
     model_name: str, strategy: str, overlap_chunks: int | str = 1, meter: bool = False,
     cost_model: str | None = "hiermoe-paper", warmup_steps: int = 1,
 ) -> dict:
+    """One training step's collectives (forward + backward), host reads of device tensors (inside the
+    experts forwards and their hooks; the whole backward) and GPU syncs (``SyncWatch``: H2D copies,
+    boolean masks, nonzero, hidden items, event waits) in the same windows."""
     cfg = tiny_qwen3_moe_config() if model_name == "qwen3_moe" else tiny_deepseek_v3_config()
     model = build_model(cfg).train()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5 + dist.get_rank()))
     cfg = hiermoe_hf.HierMoEConfig(
         topology="2x2", dispatch=strategy, kernels="torch", cost_model=cost_model, overlap_chunks=overlap_chunks
     )
@@ -108,26 +112,39 @@ def count_step(
         from hiermoe_hf.training.traffic import TrafficMeter
 
         TrafficMeter(model)
-    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5 + dist.get_rank()))
-    for _ in range(warmup_steps):  # warm-up: lazily built state is not the per-step cost
-        model(ids, labels=ids).loss.backward()
-    model.zero_grad()
-    fwd, bwd = Counter(), Counter()
-    with fwd.installed():
-        _watch_forwards(model, fwd, hooks=meter)
-        loss = model(ids, labels=ids).loss
-    with bwd.installed():
-        bwd.active = True
-        loss.backward()
+    watch = SyncWatch()
+    # Installed after the patch (its tensors reach the device with the model, or lazily in the first
+    # forward) and before the warm-up: what a forward caches on the host is recognised when counted.
+    with watch.installed():
+        for _ in range(warmup_steps):  # warm-up: lazily built state is not the per-step cost
+            model(ids, labels=ids).loss.backward()
+        model.zero_grad()
+        watch.calls = {}
+        fwd = Counter(watch)
+        with fwd.installed():
+            _watch_forwards(model, fwd, hooks=meter)
+            loss = model(ids, labels=ids).loss
+        fwd_calls, watch.calls = fwd.calls, {}
+        bwd = Counter(watch)
+        with bwd.installed():
+            bwd.active = True
+            loss.backward()
+            bwd.active = False
     layers = len(moe_layers(model))
     stats = hiermoe_hf.stats(model)
+    calls = {"forward": fwd_calls, "backward": bwd.calls}
+
+    def total(where: str, prefix: str) -> int:
+        return sum(v for k, v in calls[where].items() if k.startswith(prefix))
+
     return {
         "layers": layers,
-        "collectives": fwd.total("collective.") + bwd.total("collective."),
-        "forward_reads": fwd.total("read."),
-        "backward_reads": bwd.total("read."),
-        "hidden_syncs": fwd.total("sync.") + bwd.total("sync."),
-        "calls": {"forward": fwd.calls, "backward": bwd.calls},
+        "collectives": total("forward", "collective.") + total("backward", "collective."),
+        "forward_reads": total("forward", "read."),
+        "backward_reads": total("backward", "read."),
+        "hidden_syncs": total("forward", "sync.") + total("backward", "sync."),
+        "calls": calls,
+        "where": watch.where,
         "strategies": [s["strategy"] for s in stats.values()],
         "chunks": [s["overlap_chunks"] for s in stats.values()],
     }
@@ -221,3 +238,17 @@ def test_traffic_meter_adds_no_host_read(ranks, strategy):
     for plain, metered in zip(pool.run(count_step, "qwen3_moe", strategy), pool.run(count_step, "qwen3_moe",
                                                                                        strategy, meter=True)):
         assert _per_layer(metered) == _per_layer(plain), (metered["calls"], plain["calls"])
+
+
+@pytest.mark.parametrize("model_name", ["qwen3_moe", "deepseek_v3"])
+def test_gpu_sync_budget_with_meter_and_auto(ranks, model_name):
+    """Issue 18: with the traffic meter attached, for a fixed strategy, ``auto`` priced and ``auto``
+    timed (during its trials and after its choice): per MoE layer and step exactly one host read in
+    the forward, none in the backward and no other GPU sync (review findings 1, 3, 12)."""
+    pool = ranks(4)
+    cases = (("hd2", "hiermoe-paper", 1), ("auto", "hiermoe-paper", 1), ("auto", None, 2), ("auto", None, 7))
+    for strategy, cost_model, warmup in cases:
+        for r in pool.run(count_step, model_name, strategy, meter=True, cost_model=cost_model, warmup_steps=warmup):
+            per = _per_layer(r)
+            got = (per["forward_reads"], per["backward_reads"], per["hidden_syncs"])
+            assert got == (1, 0, 0), f"{(strategy, cost_model, warmup, got)} {r['calls']} {r['where']}"

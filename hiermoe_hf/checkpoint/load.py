@@ -33,6 +33,7 @@ from hiermoe_hf.checkpoint.fp8 import Fp8Format, Fp8Reader
 from hiermoe_hf.checkpoint.hub import resolve_on_all_ranks
 from hiermoe_hf.checkpoint.keys import EXPERT_PROJECTIONS, expert_key, fused_key, per_expert_key_pattern, row_parts
 from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.runtime.devices import comm_device, fsdp2_device_map
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.patch import patch_experts
 from hiermoe_hf.runtime.registry import world as _world
@@ -95,6 +96,10 @@ def from_pretrained(
     layout = EPLayout.resolve(cfg.ep_size, world, rank, _num_experts(base, config))
     fsdp2 = dense_sharding == "fsdp2" and world > 1
     loader = _local_experts_class(base, layout.rank, layout.ep_size, fp8, fsdp2)
+    if fsdp2:  # under NCCL the weights go to this rank's GPU, where FSDP2's mesh is (not the CPU)
+        backend = dist.get_backend() if dist.is_initialized() else None
+        device = comm_device() if backend == "nccl" else None
+        model_kwargs["device_map"] = fsdp2_device_map(model_kwargs.get("device_map"), backend, device)
     model = loader.from_pretrained(folder, config=config, **model_kwargs)
     if not fsdp2:
         model.__class__ = base  # the subclass only existed to swap the loading step (FSDP2: done before)
@@ -182,7 +187,7 @@ def _load_with_local_experts(
         if fsdp2:  # dense parameters become meta DTensors: Transformers then reads only this rank's chunk
             model.__class__ = base  # before FSDP2 derives its wrapper class from the model's class
             ignored = {getattr(m, p) for site, m in sites for p in site.param_names}
-            device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+            device = comm_device().type
             fully_shard_dense(model, ignored, _world()[0], device)  # the dense part: over the whole world
         return base._load_pretrained_model(model, weights, files, load_config, expected_keys)
     finally:

@@ -35,6 +35,7 @@ from hiermoe_hf.checkpoint import safetensors_layout
 from hiermoe_hf.checkpoint.atomic_folder import partial_folder, publish
 from hiermoe_hf.checkpoint.keys import expert_key, fused_key, row_parts
 from hiermoe_hf.exchange import bounded
+from hiermoe_hf.runtime.devices import comm_device as comm_device_of
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
 GATHER_BYTES = 64 * 2**20  # bytes moved to rank 0 per round; bounds rank 0's extra memory during a save
@@ -123,7 +124,7 @@ def save_pretrained(
         max_shard_size=max_shard_size,
     )
     files = {name: _data_order([entries[k] for k in keys]) for name, keys in split.filename_to_tensors.items()}
-    _check_same_plan(files, world, runtime.collective_timeout_s)
+    _check_same_plan(files, world, runtime.collective_timeout_s, comm_device_of(model))
 
     error = None
     partial = partial_folder(target)
@@ -134,7 +135,7 @@ def save_pretrained(
             os.makedirs(partial)
         except Exception:  # noqa: BLE001  (reported to every rank below, after the collective part)
             error = traceback.format_exc()
-    comm_device = _comm_device()
+    comm_device = comm_device_of(model)  # the model's GPU under NCCL, not the current device (#9)
     for name, ordered in files.items():
         error = _write_file(model, os.path.join(partial, name), ordered, world, rank, comm_device, error)
     if rank == 0 and error is None:
@@ -207,7 +208,9 @@ def _data_order(entries: list[Entry]) -> list[tuple[Entry, str]]:
     return [(by_key[k], dtype) for k, dtype in safetensors_layout.data_order({e.key: e.dtype for e in entries})]
 
 
-def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int, timeout_s: float) -> None:
+def _check_same_plan(
+    files: dict[str, list[tuple[Entry, str]]], world: int, timeout_s: float, device: torch.device
+) -> None:
     """Every rank must walk the same files and pieces, or the exchange would hang; check it once. The
     save's first collective: it waits at most ``timeout_s`` for ranks that never called the save."""
     if world == 1:
@@ -217,7 +220,7 @@ def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int, time
         digest.update(name.encode())
         for entry, _ in ordered:
             digest.update(repr((entry.key, entry.shape, [(p.owner, p.nbytes) for p in entry.pieces])).encode())
-    mine = torch.tensor(list(digest.digest()), dtype=torch.int64, device=_comm_device())
+    mine = torch.tensor(list(digest.digest()), dtype=torch.int64, device=device)
     seen = [torch.empty_like(mine) for _ in range(world)]
     work = dist.all_gather(seen, mine, async_op=True)
     bounded.wait(work, timeout_s, "save_pretrained (a collective save: every rank calls it, rank 0 writes)")
@@ -225,10 +228,6 @@ def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int, time
         raise ValueError("ranks disagree on the checkpoint layout (different models or placements on different ranks)")
 
 
-def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _gather_sharded(model: torch.nn.Module, round_: list[Piece]) -> dict[str, torch.Tensor]:
@@ -270,6 +269,16 @@ def _rounds(pieces: list[Piece]) -> list[list[Piece]]:
     return rounds
 
 
+def _batched_p2p(ops: list) -> None:
+    """Run point-to-point ops through ``batch_isend_irecv`` and wait: on NCCL a batch uses the group's
+    communicator, where plain ``send``/``recv`` would open one 2-rank communicator per rank pair
+    (GPU_REVIEW.md #7). The save's plan check (an all_gather) ran first, so a batch may involve only some
+    ranks (NCCL requires every rank only in a group's first collective)."""
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
 def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | None:
     """Stream one safetensors file: header, then each round's bytes as rank 0 receives them.
 
@@ -290,15 +299,17 @@ def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | 
         if rank != 0:
             mine = [_piece_bytes(model, p, layers) for p in round_ if p.owner == rank]
             if mine:
-                dist.send(torch.cat(mine).to(comm_device), dst=0)
+                _batched_p2p([dist.P2POp(dist.isend, torch.cat(mine).to(comm_device), 0)])
             continue
-        received = {}
+        received, ops = {}, []
         for src in range(1, world):
             size = sum(p.nbytes for p in round_ if p.owner == src)
             if size:
                 buf = torch.empty(size, dtype=torch.uint8, device=comm_device)
-                dist.recv(buf, src=src)
-                received[src] = (buf.cpu(), 0)
+                ops.append(dist.P2POp(dist.irecv, buf, src))
+                received[src] = buf
+        _batched_p2p(ops)
+        received = {src: (buf.cpu(), 0) for src, buf in received.items()}
         if error is not None:
             continue
         try:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from hiermoe_hf.cost.model import CostModel, StageCost
 from hiermoe_hf.exchange.comm import StageGroups
+from hiermoe_hf.runtime.devices import comm_device
 from hiermoe_hf.topology import Stage, Topology
 
 DEFAULT_SIZES = (16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
@@ -59,7 +60,7 @@ def fit_alpha_beta(nbytes: Sequence[float], seconds: Sequence[float]) -> StageCo
 
 
 def _default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return comm_device()  # the group's bound GPU under NCCL (runtime.devices), else the CPU
 
 
 def _sync(device: torch.device) -> None:
@@ -99,9 +100,7 @@ def measure(
     load from other processes hits every size alike instead of bending the fitted line.
     """
     if device is None:
-        device = (
-            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        )
+        device = _default_device()
     kinds = stage_kinds(topology)
     if groups is None:
         groups = StageGroups(topology, dist.get_rank())

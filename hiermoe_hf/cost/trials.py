@@ -167,8 +167,9 @@ class StrategyTrials:
         if not self.deciding:
             return torch.zeros(0, dtype=torch.int64, device=device)
         timed = self.pending is not None and self.pending[0] is not None and self.pending[1] is not None
-        us = round(1e3 * self.pending[1].ms()) if timed else 0  # None: that forward raised before its end
-        return torch.tensor([us], dtype=torch.int64, device=device)
+        if timed:  # device-side (no event wait, no host->device copy): runtime.state.Elapsed
+            return self.pending[1].microseconds(device)
+        return torch.zeros(1, dtype=torch.int64, device=device)  # None: that forward raised before its end
 
     def pick(self, layer: str, summed_us: list[int], recompute: bool = False) -> str | None:
         """The strategy of ``layer``'s forward (None: a cost model prices it), given the count
@@ -283,12 +284,16 @@ class StrategyTrials:
 
 @dataclass(frozen=True)
 class MeasuredMs:
-    """A restored forward's time, read like ``runtime.state.Elapsed`` (``ms()``)."""
+    """A restored forward's time, read like ``runtime.state.Elapsed`` (``ms()``, ``microseconds()``)."""
 
     value: float
 
     def ms(self) -> float:
         return self.value
+
+    def microseconds(self, device: torch.device) -> torch.Tensor:
+        """int64 [1] on ``device`` (built there: no host-to-device copy)."""
+        return torch.full((1,), round(1e3 * self.value), dtype=torch.int64, device=device)
 
 
 @dataclass(frozen=True)

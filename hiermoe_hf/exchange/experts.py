@@ -7,9 +7,10 @@ Transformers' own experts implementations ("grouped_mm", "batched_mm", ...) take
 of a block and size their offsets by ``num_experts`` (all experts), so none of them can run on a
 rank's subset of slots without changing the module. The same kernel they use for "grouped_mm",
 ``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``, is called here directly with per-slot
-offsets built on the device (no host read). Where it cannot run (old torch, a GPU older than sm80,
-unaligned CPU tensors on torch <= 2.10, or a model loaded with ``experts_implementation="eager"``)
-the per-slot loop is the fallback; it needs the slot sizes on the host.
+offsets built on the device (no host read). Where it cannot run fast (on CUDA anything but bf16 on
+sm90/sm100, where torch's fallback pays a blocking copy per call; old torch; unaligned CPU tensors
+on torch <= 2.10; a model loaded with ``experts_implementation="eager"``) the per-slot loop runs;
+it needs the slot sizes on the host (one read per forward).
 """
 
 from __future__ import annotations
@@ -53,8 +54,25 @@ def _grouped_mm_fn():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+# (major, minor) of the GPUs where torch's grouped GEMM has its fast (CUTLASS) path, for bf16 only
+# (torch 2.13 GroupedBlas.cpp: use_fast_path = sm90/sm100 and A, B, out bf16). Anywhere else on CUDA
+# ``_grouped_mm`` falls back to one ``mm`` per group after a blocking ``offs.cpu()`` copy in every
+# call (~6 syncs per layer and step): the loop below (one host read per forward) is cheaper.
+GROUPED_FAST_CUDA = ((9, 0), (10, 0))
+
+
+def gemm_dtype(rows: torch.dtype, weights: torch.dtype) -> torch.dtype:
+    """The dtype of the experts' GEMMs without autocast: the rows' when they are a narrower float than
+    the weights (bf16 rows of an FSDP2 mixed-precision model on fp32 expert slices: the weights are
+    cast for the GEMM, as autocast and FSDP2's own param_dtype would), else the weights'."""
+    if rows.is_floating_point and weights.is_floating_point and rows.itemsize < weights.itemsize:
+        return rows
+    return weights
+
+
 def can_group(experts: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``grouped_mm`` can run the local slots of ``experts`` on rows like ``x``."""
+    """Whether ``grouped_mm`` runs the local slots of ``experts`` on rows like ``x`` (already in the
+    GEMM dtype) on its fast path: on CUDA only bf16 on capability (9, 0) / (10, 0); on CPU as torch allows."""
     impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
     if impl == "eager" or _grouped_mm_fn() is None:
         return False
@@ -62,7 +80,7 @@ def can_group(experts: torch.nn.Module, x: torch.Tensor) -> bool:
     if not {x.dtype, w.dtype} <= _GROUPED_DTYPES:  # no float64 kernel: the loop runs
         return False
     if w.device.type == "cuda":
-        return torch.cuda.get_device_capability(w.device) >= (8, 0)
+        return x.dtype == torch.bfloat16 and tuple(torch.cuda.get_device_capability(w.device)) in GROUPED_FAST_CUDA
     if w.device.type == "cpu":
         major, minor = (int(p) for p in torch.__version__.split(".")[:2])
         if (major, minor) <= (2, 8):
@@ -76,13 +94,14 @@ def grouped_linear(x_QI: torch.Tensor, w_eOI: torch.Tensor, offs_e: torch.Tensor
     """Rows of slot s (rows ``offs[s-1]:offs[s]``) times slot s's weight: [Q, I] -> [Q, O].
 
     w_eOI: [e, O, I] (Transformers' layout; [e, I, O] when ``transposed``); offs_e int32 [e] ends.
+    Without autocast the GEMM runs in the rows' dtype (``gemm_dtype`` chose it).
     """
     w = w_eOI if transposed else w_eOI.transpose(-2, -1)
     device = x_QI.device.type
     if torch.is_autocast_enabled(device):  # as F.linear under autocast: both operands in its dtype
         dtype = torch.get_autocast_dtype(device)
         return _grouped_mm_fn()(x_QI.to(dtype), w.to(dtype), offs=offs_e)
-    return _grouped_mm_fn()(x_QI.to(w.dtype), w, offs=offs_e)
+    return _grouped_mm_fn()(x_QI, w.to(x_QI.dtype), offs=offs_e)
 
 
 def _mlp_grouped(experts, x_QH: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
@@ -110,9 +129,9 @@ def _mlp_loop(experts, x_QH: torch.Tensor, counts_e: torch.Tensor) -> torch.Tens
     up, down = _up_name(experts), "down_proj"
 
     def linear(x, name, slot):
-        w = getattr(experts, name)[slot]
+        w = getattr(experts, name)[slot].to(x.dtype)  # the rows' dtype (``gemm_dtype``); autocast casts too
         bias = _bias(experts, name)
-        return F.linear(x, w.t() if t else w, None if bias is None else bias[slot])
+        return F.linear(x, w.t() if t else w, None if bias is None else bias[slot].to(x.dtype))
 
     for slot, x_chunk in enumerate(x_QH.split(counts_e.tolist())):  # host read: the fallback only
         outs.append(linear(_activate(experts, linear(x_chunk, up, slot)), down, slot))
@@ -145,14 +164,15 @@ def local_experts_forward(
     Returns:
         (y_RH [R, H] = sum_k w_k * expert_k(x), counts_e int64 [e] rows per local slot).
 
-    Dtypes as Transformers' experts: under autocast the GEMMs run in the autocast dtype; otherwise rows
-    are cast to the weights' dtype (e.g. bf16 rows from an FSDP2 mixed-precision model, fp32 experts).
+    Dtypes as Transformers' experts: under autocast the GEMMs run in the autocast dtype; otherwise in
+    ``gemm_dtype``: bf16 rows from an FSDP2 mixed-precision model meet fp32 expert slices cast to bf16
+    (torch's fast grouped GEMM is bf16-only), fp32/fp64 rows are cast to the weights' dtype.
     """
     layout = ops.expand_layout(phys_RK, local_experts, arriving)
     x_QH = ops.pack_rows(x_RH, layout.src_row_Q)
     w_Q = w_RK[layout.src_row_Q, layout.src_k_Q]
     if not torch.is_autocast_enabled(x_QH.device.type):
-        x_QH = x_QH.to(up_weight(experts).dtype)
+        x_QH = x_QH.to(gemm_dtype(x_QH.dtype, up_weight(experts).dtype))
     use_grouped = can_group(experts, x_QH) if grouped is None else grouped
     y_QH = (_mlp_grouped if use_grouped else _mlp_loop)(experts, x_QH, layout.counts_e)
     if torch.promote_types(y_QH.dtype, w_Q.dtype).itemsize < 4:

@@ -128,33 +128,36 @@ def cells(topology: Topology, strategy: str) -> list[torch.Tensor]:
     return [c.view(W, W) for c in stage_cells(o_N, d_N1, topology, strategy)]
 
 
-def own_member(topology: Topology, stage: Stage) -> torch.Tensor:
-    """int64 [W]: each rank's own member index in its group of ``stage`` (the column kept locally)."""
-    return topology.member_of(torch.arange(topology.world_size), stage)
+def own_member(topology: Topology, stage: Stage, device: torch.device | None = None) -> torch.Tensor:
+    """int64 [W] on ``device``: each rank's own member index in its group of ``stage`` (the column
+    kept locally). Built where it is used: a host tensor copied to a GPU is a blocking H2D copy."""
+    return topology.member_of(torch.arange(topology.world_size, device=device), stage)
 
 
 def sent_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> torch.Tensor:
     """int64 [W]: rows each rank puts on the stage's links (its own member's column excluded)."""
-    own = own_member(topology, stage).to(counts_WS.device)
+    own = own_member(topology, stage, counts_WS.device)
     return counts_WS.sum(1) - counts_WS.gather(1, own[:, None]).squeeze(1)
 
 
 def crossing_rows(counts_WS: torch.Tensor, topology: Topology, stage: Stage, level: int = 1) -> torch.Tensor:
     """int64 []: rows of the stage whose sender and receiver lie in different level-``level``
-    subtrees (level 1: different nodes)."""
+    subtrees (level 1: different nodes). No host sync: ``where``, not a boolean-mask index."""
     W, S = counts_WS.shape
+    dev = counts_WS.device
     div = topology.stride(stage.hi)
-    src_W = torch.arange(W, device=counts_WS.device)
-    dst_WS = src_W.view(W, 1) + (torch.arange(S, device=counts_WS.device).view(1, S) - own_member(
-        topology, stage).to(counts_WS.device).view(W, 1)) * div
+    src_W = torch.arange(W, device=dev)
+    own_W1 = own_member(topology, stage, dev).view(W, 1)
+    dst_WS = src_W.view(W, 1) + (torch.arange(S, device=dev).view(1, S) - own_W1) * div
     span = topology.stride(level)
-    return counts_WS[(src_W.view(W, 1) // span) != (dst_WS // span)].sum()
+    crosses = (src_W.view(W, 1) // span) != (dst_WS // span)
+    return torch.where(crosses, counts_WS, torch.zeros((), dtype=counts_WS.dtype, device=dev)).sum()
 
 
 def peer_rows_max(counts_WS: torch.Tensor, topology: Topology, stage: Stage) -> torch.Tensor:
     """0-d tensor on the counts' device: the largest message (rows) any rank sends to any other
     member in this stage (counts may be scaled floats). No host read."""
-    own = own_member(topology, stage).to(counts_WS.device)
+    own = own_member(topology, stage, counts_WS.device)
     off = counts_WS.clone()
     off.scatter_(1, own[:, None], 0)
     return off.max() if off.numel() else counts_WS.new_zeros(())

@@ -37,6 +37,8 @@ def _nonzero(mask: torch.Tensor, size: int | None) -> tuple[torch.Tensor, ...]:
     static form, which needs no host sync on a GPU."""
     if size is None:
         return mask.nonzero(as_tuple=True)
+    # nonzero_static pads or truncates silently: check the count exchange's size on the device (no sync)
+    torch._assert_async(mask.sum() == size, "layout rows differ from the count exchange's size")
     return torch.nonzero_static(mask, size=size).unbind(1)
 
 
@@ -69,7 +71,8 @@ def stage_layout(
     else:
         hit_SRK = member_RK.unsqueeze(0) == torch.arange(S, device=dest_rank_RK.device).view(S, 1, 1)
         m_P, src_row_P, k_P = _nonzero(hit_SRK, size)
-        mask_PK = torch.nn.functional.one_hot(k_P, K).bool() if K else torch.zeros(0, 0, dtype=torch.bool)
+        # one_hot reads min/max on the host on CPU: a comparison is the same mask with no read anywhere
+        mask_PK = k_P[:, None] == torch.arange(K, device=k_P.device)
     send_counts_S = count_members(m_P, S)
     return StageLayout(src_row_P, mask_PK.reshape(src_row_P.numel(), K), send_counts_S)
 

@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from .triton_rows import gather_rows, segment_sum
-from .triton_util import acc_tl, check_tensor, row_blocks, to_dtype
+from .triton_util import acc_tl, check_tensor, device_guard, row_blocks, to_dtype
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Q"])  # data-dependent size: no new variant mid-training
 def _combine_bwd_kernel(g_ptr, y_ptr, w_ptr, dst_ptr, gy_ptr, gw_ptr, Q, H,
                         NEED_GY: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -61,11 +61,12 @@ def combine_backward(
                 grad_w.zero_()
         else:
             block_q, block_h = row_blocks(Q, H, y_QH.device)
-            _combine_bwd_kernel[(triton.cdiv(Q, block_q),)](
-                grad_RH, y_QH, w_Q, dst_row_Q,
-                grad_y if need_gy else y_QH, grad_w if need_gw else w_Q, Q, H,
-                need_gy, need_gw, acc_tl(y_QH.dtype), block_q, block_h,
-            )
+            with device_guard(y_QH):
+                _combine_bwd_kernel[(triton.cdiv(Q, block_q),)](
+                    grad_RH, y_QH, w_Q, dst_row_Q,
+                    grad_y if need_gy else y_QH, grad_w if need_gw else w_Q, Q, H,
+                    need_gy, need_gw, acc_tl(y_QH.dtype), block_q, block_h,
+                )
     return grad_y, grad_w
 
 

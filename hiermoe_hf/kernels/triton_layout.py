@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_util
+from . import reference, triton_util
 from .reference import ExpandLayout, StageLayout
-from .triton_util import check_tensor, interpreting, pow2
+from .triton_util import check_tensor, device_guard, interpreting, pow2
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _row_counts(dest_ptr, rows, row_ok, K, divisor, S, s_S, DEDUP: tl.constexpr,
     return cnt
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # data-dependent size: no new variant mid-training
 def _layout_count_kernel(dest_ptr, block_cnt_ptr, R, K, divisor, S, DEDUP: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """block_cnt [blocks, BLOCK_S] int32: packed rows per member coming from each block of rows."""
@@ -58,7 +58,7 @@ def _layout_count_kernel(dest_ptr, block_cnt_ptr, R, K, divisor, S, DEDUP: tl.co
     tl.store(block_cnt_ptr + pid * BLOCK_S + s_S, tl.sum(cnt, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _layout_write_kernel(dest_ptr, block_base_ptr, src_row_ptr, mask_ptr, src_k_ptr, R, K, divisor, S,
                          DEDUP: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_K: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -89,12 +89,18 @@ def _layout_write_kernel(dest_ptr, block_base_ptr, src_row_ptr, mask_ptr, src_k_
             pos_RS += hit.to(tl.int64)
 
 
+# Elements of a layout tile ([BLOCK_R, BLOCK_S] int64 per tensor, 4 warps): 4096 spilled registers
+# for S >= 32 on sm_80/sm_90 (GPU_REVIEW.md #11); the AOT compile test (tests/test_triton_aot.py)
+# checks that no production variant spills at this size.
+LAYOUT_TILE = 2048
+
+
 def _blocks(rows: int, S: int, device: torch.device) -> tuple[int, int]:
     block_s = pow2(S)
     if triton_util.BLOCK_ROWS_OVERRIDE:
         return triton_util.BLOCK_ROWS_OVERRIDE, block_s
     if device.type == "cuda" and not interpreting():
-        return max(16, 4096 // block_s), block_s
+        return max(4, LAYOUT_TILE // block_s), block_s
     # Interpreter: one program for the whole test-sized input.
     return max(1, min(pow2(rows), max(1, 65536 // block_s))), block_s
 
@@ -110,10 +116,13 @@ def _layout(dest_RK: torch.Tensor, divisor: int, S: int, dedup: bool, write_mask
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         mask = torch.zeros(0, K, dtype=torch.bool, device=dev) if write_mask else None
         return empty, mask, empty.clone() if write_k else None, torch.zeros(S, dtype=torch.int64, device=dev)
+    if S == 1:  # every row goes to member 0: a compaction, no kernel (its tiles would be 4096 x 1)
+        return _one_member(dest_RK, dedup, write_mask, write_k, size)
     block_r, block_s = _blocks(R, S, dev)
     grid = (triton.cdiv(R, block_r),)
     block_cnt = torch.empty(grid[0], block_s, dtype=torch.int32, device=dev)
-    _layout_count_kernel[grid](dest_RK, block_cnt, R, K, divisor, S, dedup, block_r, block_s)
+    with device_guard(dest_RK):
+        _layout_count_kernel[grid](dest_RK, block_cnt, R, K, divisor, S, dedup, block_r, block_s)
     # Cross-block prefix sums on a [blocks, S] table: member-major, then block order.
     block_cnt = block_cnt.to(torch.int64)
     counts_S = block_cnt.sum(0)
@@ -122,19 +131,34 @@ def _layout(dest_RK: torch.Tensor, divisor: int, S: int, dedup: bool, write_mask
     counts_S = counts_S[:S]
     # the buffers' size: known from the layer's count exchange, else a host sync (as nonzero() needs)
     P = int(counts_S.sum()) if size is None else size
+    if size is not None:
+        # The kernel writes counts_S.sum() rows into buffers of ``size``: a disagreement with the count
+        # exchange would write past them on a GPU. Checked on the device, no sync (a device assert).
+        torch._assert_async(counts_S.sum() == size, "layout rows differ from the count exchange's size")
     src_row_P = torch.empty(P, dtype=torch.int64, device=dev)
     mask_PK = torch.zeros(P, K, dtype=torch.uint8, device=dev) if write_mask else src_row_P
     src_k_P = torch.empty(P, dtype=torch.int64, device=dev) if write_k else src_row_P
-    _layout_write_kernel[grid](
-        dest_RK, block_base.contiguous(), src_row_P, mask_PK, src_k_P, R, K, divisor, S,
-        dedup, write_mask, write_k, block_r, block_s,
-    )
+    with device_guard(dest_RK):
+        _layout_write_kernel[grid](
+            dest_RK, block_base.contiguous(), src_row_P, mask_PK, src_k_P, R, K, divisor, S,
+            dedup, write_mask, write_k, block_r, block_s,
+        )
     return (
         src_row_P,
         mask_PK.view(torch.bool) if write_mask else None,
         src_k_P if write_k else None,
         counts_S.contiguous(),
     )
+
+
+def _one_member(dest_RK: torch.Tensor, dedup: bool, write_mask: bool, write_k: bool, size: int | None):
+    """``_layout`` for a group of one (S == 1) by the reference's compaction (identical output; with
+    ``size`` it is ``nonzero_static``: no host sync)."""
+    if write_k:
+        lay = reference.expand_layout(dest_RK, 1, size)
+        return lay.src_row_Q, None, lay.src_k_Q, lay.counts_e
+    lay = reference.stage_layout(dest_RK, 1, 1, dedup, size)
+    return lay.src_row_P, lay.mask_PK, None, lay.send_counts_S
 
 
 def stage_layout(

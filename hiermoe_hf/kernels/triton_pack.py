@@ -12,10 +12,10 @@ import triton
 import triton.language as tl
 
 from .triton_rows import gather_rows, segment_sum
-from .triton_util import check_tensor, pow2, row_blocks
+from .triton_util import check_tensor, device_guard, pow2, row_blocks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # data-dependent size: no new variant mid-training
 def _pack_route_kernel(ids_ptr, w_ptr, idx_ptr, mask_ptr, ids_out_ptr, w_out_ptr, P, K,
                        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """ids_out/w_out [P, K] = ids/w [R, K] rows idx [P] where mask [P, K], else -1 / 0."""
@@ -67,9 +67,10 @@ class _PackRoute(torch.autograd.Function):
         if P and K:
             block_p, _ = row_blocks(P, K, ids_RK.device)
             block_k = pow2(K)  # a route row is short: always one program across K
-            _pack_route_kernel[(triton.cdiv(P, block_p),)](
-                ids_RK, w_RK, src_row_P, mask_u8_PK, ids_PK, w_PK, P, K, block_p, block_k
-            )
+            with device_guard(ids_RK):
+                _pack_route_kernel[(triton.cdiv(P, block_p),)](
+                    ids_RK, w_RK, src_row_P, mask_u8_PK, ids_PK, w_PK, P, K, block_p, block_k
+                )
         ctx.save_for_backward(src_row_P, mask_PK)
         ctx.num_rows = w_RK.shape[0]
         ctx.mark_non_differentiable(ids_PK)

@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import acc_tl, check_tensor, row_blocks, to_dtype
+from .triton_util import acc_tl, check_tensor, device_guard, row_blocks, to_dtype
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # data-dependent sizes: no new variant mid-training
 def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, P, H, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
     """out [P, H] = x [R, H] rows idx [P]; grid (P blocks, H blocks)."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -29,7 +29,7 @@ def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, P, H, BLOCK_P: tl.constexpr, BL
     tl.store(out_ptr + p.to(tl.int64)[:, None] * H + h[None, :], row, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _segment_sum_kernel(y_ptr, w_ptr, mask_ptr, order_ptr, start_ptr, out_ptr, num_rows, H,
                         HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -71,7 +71,8 @@ def gather_rows(x_RH: torch.Tensor, idx_P: torch.Tensor) -> torch.Tensor:
         return out_PH
     block_p, block_h = row_blocks(P, H, x_RH.device)
     grid = (triton.cdiv(P, block_p), triton.cdiv(H, block_h))
-    _gather_rows_kernel[grid](x_RH, idx_P, out_PH, P, H, block_p, block_h)
+    with device_guard(x_RH):
+        _gather_rows_kernel[grid](x_RH, idx_P, out_PH, P, H, block_p, block_h)
     return out_PH
 
 
@@ -105,8 +106,9 @@ def segment_sum(
     mask_arg = mask_PH.contiguous().view(torch.uint8) if mask_PH is not None else y_QH
     block_r, block_h = row_blocks(num_rows, H, y_QH.device)
     grid = (triton.cdiv(num_rows, block_r), triton.cdiv(H, block_h))
-    _segment_sum_kernel[grid](
-        y_QH, w_arg, mask_arg, order_Q, start_R1, out_RH, num_rows, H,
-        w_Q is not None, mask_PH is not None, acc_tl(y_QH.dtype), block_r, block_h,
-    )
+    with device_guard(y_QH):
+        _segment_sum_kernel[grid](
+            y_QH, w_arg, mask_arg, order_Q, start_R1, out_RH, num_rows, H,
+            w_Q is not None, mask_PH is not None, acc_tl(y_QH.dtype), block_r, block_h,
+        )
     return out_RH

@@ -5,6 +5,7 @@ Kept apart from the kernels so the three kernel families share one rule for "int
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -99,6 +100,13 @@ def check_tensor(t: torch.Tensor) -> None:
         )
 
 
+def device_guard(t: torch.Tensor):
+    """Launch under ``t``'s device: Triton launches on the *current* device's stream, so a rank whose
+    tensors are on ``cuda:k`` without ``torch.cuda.set_device(k)`` would hand device-k pointers to
+    device 0 (GPU_REVIEW.md #4). No-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def acc_tl(dtype: torch.dtype):
     """Triton accumulation dtype for ``dtype`` rows: fp64 stays fp64, everything else sums in fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -112,13 +120,15 @@ def pow2(n: int) -> int:
 def row_blocks(rows: int, width: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_W) for row-gather style kernels over ``rows`` rows of ``width`` elements.
 
-    On a GPU: 1024-wide chunks (16-byte vector loads, H=7168 splits evenly) and about 4096 elements
-    per program. In the interpreter each program and loop step costs Python time, so one block
-    covers the whole width and many rows.
+    On a GPU: 1024-wide chunks (16-byte vector loads, H=7168 splits evenly), about 4096 elements and
+    at most 1024 rows per program (no register spill on sm_80/90/100: tests/test_triton_aot.py). In
+    the interpreter each program and loop step costs Python time, so one block covers the whole width
+    and many rows.
     """
     if device.type == "cuda" and not interpreting():
         block_w = BLOCK_W_OVERRIDE or min(pow2(width), 1024)
-        return BLOCK_ROWS_OVERRIDE or max(1, 4096 // block_w), block_w
+        # at most 1024 rows: [4096, 1] tiles (pack_route's backward with top-1) spill registers
+        return BLOCK_ROWS_OVERRIDE or max(1, min(1024, 4096 // block_w)), block_w
     block_w = BLOCK_W_OVERRIDE or pow2(width)
     return BLOCK_ROWS_OVERRIDE or max(1, min(pow2(rows), max(1, 65536 // block_w))), block_w
 

@@ -173,7 +173,12 @@ def check_expert_storage(experts: torch.nn.Module, layer_name: str, param_name: 
 
 def check_expert_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> None:
     """RuntimeError when a router picked an id outside [0, E). One small reduction; on CUDA it is an
-    asynchronous device assert (no host sync), on CPU it raises right here."""
+    asynchronous device assert (no host sync), on CPU it raises right here.
+
+    A CUDA device assert is fatal for the process's CUDA context: the failing rank dies at its next
+    sync and the other ranks wait in their next NCCL collective until the process group's timeout
+    (GPU_REVIEW.md #15). Kept because it costs no sync on the hot path; to get a clean exception
+    while developing a custom router, run a step on CPU (gloo) or set ``CUDA_LAUNCH_BLOCKING=1``."""
     ok = ((topk_ids_TK >= 0) & (topk_ids_TK < num_experts)).all()
     torch._assert_async(
         ok, f"hiermoe_hf: the router chose an expert id outside [0, {num_experts}); a custom router must return "

@@ -64,8 +64,10 @@ class Runtime:
 
 
 class Elapsed:
-    """Milliseconds summed over (start, end) marks, resolved only when ``stats`` asks (no host sync
-    in the forward). A mark is a CUDA event or the CPU clock (``mark``)."""
+    """Milliseconds summed over (start, end) marks. A mark is the CPU clock on CPU tensors, a device
+    timer stamp on CUDA (``kernels.triton_clock``): no host sync in the forward; the sum is read on
+    the host only when ``stats`` asks (``ms``) and stays on the device for ``auto``'s trials
+    (``microseconds``)."""
 
     def __init__(self, *spans):
         self.spans = spans
@@ -73,20 +75,24 @@ class Elapsed:
     @staticmethod
     def mark(like: torch.Tensor):
         if like.is_cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
+            from hiermoe_hf.kernels.triton_clock import stamp  # noqa: PLC0415  (Triton: CUDA only)
+
+            return stamp(like)
         return time.perf_counter()
 
+    def _device_ns(self) -> torch.Tensor:
+        return sum(end - start for start, end in self.spans)
+
     def ms(self) -> float:
-        total = 0.0
-        for start, end in self.spans:
-            if isinstance(start, float):
-                total += 1e3 * (end - start)
-            else:
-                end.synchronize()
-                total += start.elapsed_time(end)
-        return total
+        if self.spans and isinstance(self.spans[0][0], float):
+            return sum(1e3 * (end - start) for start, end in self.spans)
+        return self._device_ns().item() / 1e6 if self.spans else 0.0
+
+    def microseconds(self, device: torch.device) -> torch.Tensor:
+        """int64 [1] on ``device``: the total in microseconds, without a host<->device copy or sync."""
+        if self.spans and not isinstance(self.spans[0][0], float):
+            return torch.div(self._device_ns(), 1000, rounding_mode="floor").to(device=device).view(1)
+        return torch.full((1,), round(1e3 * self.ms()), dtype=torch.int64, device=device)
 
 
 @dataclass(frozen=True)

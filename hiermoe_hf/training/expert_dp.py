@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from hiermoe_hf.cost.pricing import ring_allreduce_bytes
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of, unwrap
+from hiermoe_hf.training.buckets import all_reduce_bucketed
 
 
 def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -59,11 +59,7 @@ def sync_expert_grads(model: torch.nn.Module) -> None:
         if h:
             grads.append(p.grad)
     for dtype in sorted({g.dtype for g in grads}, key=str):  # same order on every rank
-        same = [g for g in grads if g.dtype == dtype]
-        flat = _flatten_dense_tensors(same)
-        dist.all_reduce(flat, group=rt.replica_group)
-        for g, synced in zip(same, _unflatten_dense_tensors(flat, same)):
-            g.copy_(synced)
+        all_reduce_bucketed([g for g in grads if g.dtype == dtype], group=rt.replica_group)  # bounded memory
 
 
 class ExpertGradSync:

@@ -43,7 +43,8 @@ def shard_dense(model: torch.nn.Module, mixed_precision: MixedPrecisionPolicy | 
     Collective. Call after ``hiermoe_hf.patch`` (or ``hiermoe_hf.from_pretrained``) and before
     creating the optimizer (dense parameters are replaced by sharded ones). ``mixed_precision``: an
     FSDP2 ``MixedPrecisionPolicy`` (e.g. ``param_dtype=torch.bfloat16, reduce_dtype=torch.float32``)
-    for the dense part; the expert slices keep their dtype and the rows reaching them are cast to it.
+    for the dense part; the expert slices keep their dtype (and fp32 master weights) and are cast to the
+    rows' bf16/fp16 for the GEMMs (as FSDP2's param_dtype would; torch's fast grouped GEMM is bf16-only).
     Not with DDP: use one or the other for the dense part.
     """
     if isinstance(model, DistributedDataParallel):

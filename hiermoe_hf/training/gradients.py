@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
 from hiermoe_hf.runtime.registry import runtime_of
+from hiermoe_hf.training import buckets as buckets_module
+from hiermoe_hf.training.buckets import all_reduce_bucketed
 from hiermoe_hf.training.expert_dp import expert_parameters, sync_expert_grads
 
 __all__ = ["all_reduce_gradients", "expert_parameters"]
@@ -23,7 +24,8 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
     loss averaged over ranks. Dense grads sharded by FSDP2 (``hiermoe_hf.shard_dense``: DTensors) were
     already reduce-scattered and averaged by its backward: they are left alone. A non-finite expert
     grad or dense shard on any rank makes every rank's grads non-finite (one extra element in the same
-    all-reduce), so a ``torch.amp.GradScaler`` skips the step on all ranks alike.
+    all-reduce), so a ``torch.amp.GradScaler`` skips the step on all ranks alike. The all-reduces go in
+    buckets of at most ``training.buckets.BUCKET_BYTES`` (transient memory bounded, not the model's).
     """
     from hiermoe_hf.training.loss_scaling import local_grad, nonfinite_flag, spread_flag
 
@@ -40,14 +42,18 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
         dist.all_reduce(flag)
     for dtype in dtypes:
         grads = [g for g in dense if g.dtype == dtype]
-        with_flag = grads + [flag.to(dtype).view(1)] if dtype == dtypes[0] else grads
-        flat = _flatten_dense_tensors(with_flag)
-        dist.all_reduce(flat)
-        flat.div_(world)
+        if dtype == dtypes[0]:  # the flag rides in a flattened bucket's all-reduce (no extra collective)
+            flag_1 = flag.to(dtype).view(1)
+            grads.insert(_first_small(grads), flag_1)
+        all_reduce_bucketed(grads, after=lambda buf: buf.div_(world))
         if dtype == dtypes[0]:
-            flag = flat[-1:].float().view(())
-            flat = flat[:-1]
-        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+            flag = flag_1.float().view(())
     spread_flag(model, flag)
     sync_expert_grads(model)
+
+
+def _first_small(grads: list[torch.Tensor]) -> int:
+    """Index of the first tensor that shares a flattened bucket (else 0): the flag goes before it, so
+    it never forces a copy of a gradient larger than a bucket."""
+    limit = buckets_module.BUCKET_BYTES
+    return next((i for i, g in enumerate(grads) if g.numel() * g.element_size() + 8 <= limit), 0)
