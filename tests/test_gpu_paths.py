@@ -38,7 +38,7 @@ DATA_SIZES = {"_gather_rows_kernel": "P", "_segment_sum_kernel": "num_rows", "_p
 
 def _fake_experts(dtype: torch.dtype, device: str):
     w = SimpleNamespace(device=torch.device(device), dtype=dtype)
-    return SimpleNamespace(gate_up_proj=w, down_proj=w, config=None)
+    return SimpleNamespace(gate_up_proj=w, down_proj=w, config=None, has_gate=True, has_bias=False, is_transposed=False)
 
 
 @pytest.mark.parametrize("cap,dtype,want", [
