@@ -198,6 +198,11 @@ class ForwardConversion:
         self.converters = [c for c in mapping if isinstance(c, WeightConverter)]
         self.model = model
 
+    def mark(self, keys: list[str]) -> None:
+        """Match ``keys`` (one expert's) against the mapping, marking the converters they use as used."""
+        for key in keys:
+            rename_source_key(key, self.renamings, self.converters)
+
     def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Checkpoint key -> tensor (one expert's) => model key -> tensor [1, ...]."""
         out, pending = {}, {}

@@ -25,13 +25,12 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
-from transformers.core_model_loading import WeightConverter
 from transformers.models.auto.auto_factory import _get_model_class
 
 from hiermoe_hf import patches
-from hiermoe_hf.checkpoint.fp8 import Fp8Format, Fp8Reader
 from hiermoe_hf.checkpoint.hub import resolve_on_all_ranks
-from hiermoe_hf.checkpoint.keys import EXPERT_PROJECTIONS, expert_key, fused_key, per_expert_key_pattern, row_parts
+from hiermoe_hf.checkpoint.keys import ForwardConversion, HubTensor, hub_layout
+from hiermoe_hf.checkpoint.quantized import QuantizedFormat, take_quantization
 from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.patch import patch_experts
@@ -90,12 +89,11 @@ def from_pretrained(
                 model_kwargs[k] = hf_kwargs[k]
     else:
         config, model_kwargs = copy.deepcopy(config), hf_kwargs
-    fp8 = Fp8Format.take_from(config)  # FP8 weights are dequantized while read; the model is plain
-    adapter = patches.adapter_for(config)
-    layout = EPLayout.resolve(cfg.ep_size, world, rank, adapter.num_experts(config))
+    quant = take_quantization(config)  # FP8 / MXFP4 weights are dequantized while read; the model is plain
+    layout = EPLayout.resolve(cfg.ep_size, world, rank)  # E is checked against it once the model exists (on meta)
     base = _get_model_class(config, AutoModelForCausalLM._model_mapping)
     fsdp2 = dense_sharding == "fsdp2" and world > 1
-    loader = _local_experts_class(base, layout.rank, layout.ep_size, fp8, fsdp2)
+    loader = _local_experts_class(base, layout.rank, layout.ep_size, quant, fsdp2)
     model = loader.from_pretrained(folder, config=config, **model_kwargs)
     if not fsdp2:
         model.__class__ = base  # the subclass only existed to swap the loading step (FSDP2: done before)
@@ -120,16 +118,17 @@ def _check_device_map(device_map) -> None:
 
 @functools.cache
 def _local_experts_class(
-    base: type, ep_rank: int, ep_size: int, fp8: Fp8Format | None = None, fsdp2: bool = False
+    base: type, ep_rank: int, ep_size: int, quant: QuantizedFormat | None = None, fsdp2: bool = False
 ) -> type:
     """``base`` with only its weight-loading step replaced (same name and module, so Transformers'
     source-inspecting checks behave as for ``base``); it reads the experts of group rank ``ep_rank``
-    of an expert-parallel group of ``ep_size`` ranks; ``fp8``: the checkpoint's FP8 block format;
-    ``fsdp2``: shard the dense part over the world (on meta) before any weight is read."""
+    of an expert-parallel group of ``ep_size`` ranks; ``quant``: the checkpoint's quantized format
+    (dequantized while read); ``fsdp2``: shard the dense part over the world (on meta) before any
+    weight is read."""
 
     def load(model, state_dict, checkpoint_files, load_config, expected_keys=None):
         return _load_with_local_experts(
-            base, model, state_dict, checkpoint_files, load_config, expected_keys, ep_rank, ep_size, fp8, fsdp2
+            base, model, state_dict, checkpoint_files, load_config, expected_keys, ep_rank, ep_size, quant, fsdp2
         )
 
     attrs = {"__module__": base.__module__, "__qualname__": base.__qualname__}
@@ -137,45 +136,33 @@ def _local_experts_class(
 
 
 def _load_with_local_experts(
-    base, model, state_dict, checkpoint_files, load_config, expected_keys, rank, world, fp8=None, fsdp2=False
+    base, model, state_dict, checkpoint_files, load_config, expected_keys, rank, world, quant=None, fsdp2=False
 ):
     files = [os.fspath(f) for f in checkpoint_files or []]
     if state_dict is not None or not files or not all(f.endswith(".safetensors") for f in files):
         raise ValueError(f"hiermoe_hf.from_pretrained reads safetensors checkpoints only; found {files or 'none'}")
-    adapter = patches.adapter_for(model.config)
-    num_experts = adapter.num_experts(model.config)
-    local = num_experts // world
-    reader = _ShardReader(files) if fp8 is None else Fp8Reader(_ShardReader(files), fp8)
+    sites = experts_sites(model)
+    reader = _ShardReader(files) if quant is None else quant.reader(_ShardReader(files))
     try:
-        weights, by_block = {}, {}
-        for key in reader.keys():  # expert keys, grouped by block, are replaced by the stand-ins
-            block, sep, _ = key.partition(".experts.")
-            if sep:
-                by_block.setdefault(block, []).append(key)
-            else:
-                weights[key] = reader.slice(key)
         folder = os.path.dirname(files[0])
-        for block, module in patches.find_moe_blocks(model, adapter):
-            experts = module.experts
-            stand_ins = _expert_stand_ins(
-                reader, by_block.pop(block, []), block, experts, adapter.EXPERT_PARAMS, num_experts,
-                rank * local, local, folder,
-            )
-            weights.update(stand_ins)
-            if any(s.per_expert for s in stand_ins.values()):
-                _mark_expert_conversions_used(load_config.weight_mapping, block)
-            for param in adapter.EXPERT_PARAMS:  # still on meta: only the shape changes
-                full = getattr(experts, param)
-                shape = (local, *full.shape[1:])
-                setattr(experts, param, torch.nn.Parameter(
-                    torch.empty(shape, dtype=full.dtype, device="meta"), requires_grad=full.requires_grad
-                ))
-        for keys in by_block.values():  # ".experts." keys outside any routed-MoE block load as usual
-            weights.update({key: reader.slice(key) for key in keys})
+        plan = _experts_plan(model, sites, reader, world, folder)
+        fwd = ForwardConversion(load_config.weight_mapping, model)
+        weights, consumed = {}, set()
+        for fused, (tensors, full) in plan.items():
+            count = full[0] // world
+            key, stand_in = _stand_in(reader, fwd, fused, tensors, rank * count, count, full)
+            weights[key] = stand_in
+            consumed.update(t.key for t in tensors)
+            module, _, param = fused.rpartition(".")
+            experts = model.get_submodule(module)
+            old = getattr(experts, param)  # still on meta: only the shape changes
+            setattr(experts, param, torch.nn.Parameter(
+                torch.empty((count, *full[1:]), dtype=old.dtype, device="meta"), requires_grad=old.requires_grad
+            ))
+        weights.update({key: reader.slice(key) for key in reader.keys() if key not in consumed})
         if fsdp2:  # dense parameters become meta DTensors: Transformers then reads only this rank's chunk
             model.__class__ = base  # before FSDP2 derives its wrapper class from the model's class
-            blocks = patches.find_moe_blocks(model, adapter)
-            ignored = {getattr(m.experts, p) for _, m in blocks for p in adapter.EXPERT_PARAMS}
+            ignored = {model.get_parameter(fused) for fused in plan}
             device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
             fully_shard_dense(model, ignored, _world()[0], device)  # the dense part: over the whole world
         return base._load_pretrained_model(model, weights, files, load_config, expected_keys)
@@ -183,17 +170,96 @@ def _load_with_local_experts(
         reader.close()
 
 
-def _mark_expert_conversions_used(weight_mapping, block: str) -> None:
-    """Record, as Transformers' loader would, that per-expert keys went through its expert converters.
+def experts_sites(model) -> list[tuple[str, tuple[str, ...], int]]:
+    """(experts module's qualified name, its per-expert parameter names, E) for every experts module,
+    from ``patches``' discovery; ValueError (from the discovery) for a model it cannot serve."""
+    if hasattr(patches, "find_experts"):
+        return [(site.name, tuple(site.param_names), site.num_experts) for site, _ in patches.find_experts(model)]
+    adapter = patches.adapter_for(model.config)  # until the generic discovery lands (issue 17)
+    num = adapter.num_experts(model.config)
+    return [(f"{name}.experts", adapter.EXPERT_PARAMS, num) for name, _ in patches.find_moe_blocks(model, adapter)]
 
-    The model keeps the converters that matched (``model._weight_conversions``) to write per-expert
-    keys again in a plain ``save_pretrained``; the stand-ins bypass them, so mark them here.
+
+def _experts_plan(model, sites, reader, world, folder) -> dict[str, tuple[list[HubTensor], tuple[int, ...]]]:
+    """Fused parameter key -> (the checkpoint tensors it is read from, its full shape [E, ...]).
+
+    The expected tensors are the family's Hub layout (Transformers' reverse conversion of the model,
+    ``keys.hub_layout``); a checkpoint written with ``save_original_format=False`` holds the fused
+    parameter itself. ValueError when the checkpoint holds another number of experts or other shapes.
     """
-    for conversion in weight_mapping or []:
-        if isinstance(conversion, WeightConverter):
-            for projections in EXPERT_PROJECTIONS.values():
-                for projection in projections:
-                    conversion.rename_source_key(expert_key(block, 0, projection))
+    if not sites:
+        raise ValueError(f"no experts module found in this {model.config.model_type} model")
+    experts, shapes = {}, {}
+    for name, params, num_experts in sites:
+        if num_experts % world:
+            raise ValueError(
+                f"{num_experts} experts per layer cannot be split over an expert-parallel group of ep_size={world} "
+                f"ranks; choose an ep_size that divides {num_experts}"
+            )
+        for p in params:
+            full = getattr(model.get_submodule(name), p)
+            experts[f"{name}.{p}"], shapes[f"{name}.{p}"] = num_experts, (tuple(full.shape), full.dtype)
+    layout = hub_layout(model, shapes, experts)
+    present = set(reader.keys())
+    ids = _expert_ids_present(layout, present)
+    plan = {}
+    for fused, num_experts in experts.items():
+        tensors = [t for t in layout if t.source == fused]
+        module = fused.rpartition(".")[0]
+        if not all(t.key in present for t in tensors) and fused in present:
+            shape, dtype = shapes[fused]  # save_original_format=False: the model's own fused tensor
+            tensors = [HubTensor(fused, shape, dtype, fused, num_experts, None, None, None, 0)]
+        for t in tensors:
+            found = ids.get((t.source, t.template), set()) if t.expert is not None else None
+            if found is not None and found != set(range(num_experts)):
+                raise ValueError(_count_error(folder, module, len(found), num_experts, t.template, found))
+            if t.key not in present:
+                raise ValueError(f"checkpoint {folder} has no {t.key} (expert weights of {module}, per-expert or fused)")
+            on_disk = tuple(reader.slice(t.key).get_shape())
+            if t.expert is None and on_disk[:1] != (num_experts,):
+                raise ValueError(_count_error(folder, module, on_disk[0] if on_disk else 0, num_experts))
+            if on_disk != t.shape:
+                raise ValueError(_shape_error(folder, t.key, on_disk, t.shape))
+        plan[fused] = (tensors, shapes[fused][0])
+    return plan
+
+
+def _expert_ids_present(layout: list[HubTensor], present: set[str]) -> dict[tuple[str, str], set[int]]:
+    """(fused key, template) -> the expert ids the checkpoint holds under that per-expert name (any count)."""
+    where: dict[tuple[str, ...], tuple[str, str, int]] = {}
+    for t in layout:
+        if t.expert == 1:  # expert 1's name differs from the template in the expert's name part only
+            parts, tparts = t.key.split("."), t.template.split(".")
+            at = next(i for i, (a, b) in enumerate(zip(parts, tparts)) if a != b)
+            where[tuple(parts[:at] + ["*"] + parts[at + 1 :])] = (t.source, t.template, at)
+    positions = {at for _, _, at in where.values()}
+    found: dict[tuple[str, str], set[int]] = {}
+    for key in present:
+        parts = key.split(".")
+        for at in positions:
+            if at < len(parts) and parts[at].isdigit():
+                hit = where.get(tuple(parts[:at] + ["*"] + parts[at + 1 :]))
+                if hit is not None and hit[2] == at:
+                    found.setdefault(hit[:2], set()).add(int(parts[at]))
+    return found
+
+
+def _stand_in(reader, fwd, fused: str, tensors: list[HubTensor], lo: int, count: int, full: tuple[int, ...]):
+    """(key, stand-in) handed to Transformers' loader for experts [lo, lo + count) of ``fused``.
+
+    Stacked on disk (one tensor, experts on dim 0): the checkpoint key itself, read rows
+    [lo, lo + count) only; Transformers applies its own conversion (e.g. a transpose) to them.
+    Per-expert keys: the model's fused key, filled expert by expert through Transformers' forward
+    conversion (``keys.ForwardConversion``), so one expert's tensors at a time are in flight.
+    """
+    if len(tensors) == 1 and tensors[0].expert is None:
+        key = tensors[0].key
+        return key, _LocalRows(reader.slice(key), lo, count)
+    by_expert: dict[int, list[str]] = {}
+    for t in tensors:
+        by_expert.setdefault(t.expert, []).append(t.key)
+    fwd.mark(by_expert[lo])  # the converters are used, as in Transformers' own load (a plain save then reverts them)
+    return fused, _LocalExperts(reader, fwd, fused, (count, *full[1:]), [by_expert[g] for g in range(lo, lo + count)])
 
 
 class _ShardReader:
@@ -225,88 +291,57 @@ class _ShardReader:
             handle.__exit__(None, None, None)
 
 
-class _LocalExperts:
-    """Stands for one fused experts parameter in the weights handed to Transformers' loader.
+class _LocalRows:
+    """Rows [lo, lo + count) (this rank's experts) of a tensor stacked over experts, read when
+    Transformers materialises it with ``[...]``."""
 
-    Transformers materialises it with ``[...]``: that reads only this rank's experts, giving
-    [count, rows, ...] in the checkpoint's dtype, either one slice of a fused tensor
-    (``fused = (key, lo)``) or filled expert by expert from per-expert keys (``slots[j]`` = the
-    (key, row lo, row hi) parts of slot j), so one expert's matrix at a time is in flight.
-    """
-
-    def __init__(self, reader: _ShardReader, shape: tuple[int, ...], fused=None, slots=None):
-        self.reader, self.shape, self.fused, self.slots = reader, shape, fused, slots
-        self.per_expert = slots is not None
+    def __init__(self, stacked, lo: int, count: int):
+        self.stacked, self.lo, self.count = stacked, lo, count
+        self.shape = (count, *stacked.get_shape()[1:])
 
     def __getitem__(self, index):
         if index is not Ellipsis:
             raise TypeError("the local experts stand-in is read whole, with [...]")
-        if not self.per_expert:
-            key, lo = self.fused
-            return self.reader.slice(key)[lo : lo + self.shape[0]]
+        return self.stacked[self.lo : self.lo + self.count]
+
+
+class _LocalExperts:
+    """Stands for one fused experts parameter in the weights handed to Transformers' loader.
+
+    Transformers materialises it with ``[...]``: that reads only this rank's experts (``keys[j]``:
+    the checkpoint keys of slot j's expert), converts each expert's tensors with Transformers' own
+    forward conversion into [1, ...], and fills [count, ...] slot by slot, so one expert's tensors at
+    a time are in flight.
+    """
+
+    def __init__(self, reader, fwd: ForwardConversion, fused: str, shape: tuple[int, ...], keys: list[list[str]]):
+        self.reader, self.fwd, self.fused, self.shape, self.keys = reader, fwd, fused, shape, keys
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("the local experts stand-in is read whole, with [...]")
         out = None
-        for slot, parts in enumerate(self.slots):
-            for key, lo, hi in parts:
-                matrix = self.reader.slice(key)[:]
-                if out is None:
-                    out = torch.empty(self.shape, dtype=matrix.dtype)
-                out[slot, lo:hi] = matrix
+        for slot, keys in enumerate(self.keys):
+            converted = self.fwd({key: self.reader.slice(key)[:] for key in keys})
+            if set(converted) != {self.fused}:
+                raise ValueError(
+                    f"Transformers' conversion of {keys} gives {sorted(converted)}, not {self.fused}; "
+                    "the checkpoint's expert keys do not match this model's layout"
+                )
+            one = converted[self.fused]
+            if out is None:
+                out = torch.empty(self.shape, dtype=one.dtype)
+            out[slot] = one[0]
         return out
-
-
-def _expert_stand_ins(reader, keys, block, experts, params, num_experts, lo, count, folder) -> dict[str, _LocalExperts]:
-    """Fused key -> stand-in reading experts [lo, lo + count) of ``block``; ValueError if the checkpoint's
-    experts do not fit the config (count, shapes) or are missing."""
-    pattern = per_expert_key_pattern(block)
-    ids: dict[str, set[int]] = {}
-    for key in keys:
-        match = pattern.match(key)
-        if match:
-            ids.setdefault(match.group(2), set()).add(int(match.group(1)))
-    fused_present = [p for p in params if fused_key(block, p) in reader.keys()]
-    if ids and fused_present:
-        raise ValueError(f"checkpoint {folder} holds both per-expert and fused expert tensors for {block}.experts")
-    if not ids and len(fused_present) != len(params):
-        raise ValueError(f"checkpoint {folder} has no expert weights for {block}.experts (per-expert or fused)")
-    out = {}
-    for param in params:
-        full = tuple(getattr(experts, param).shape)  # [E, rows, ...] from the config, still on meta
-        shape = (count, *full[1:])
-        if not ids:
-            key = fused_key(block, param)
-            found = tuple(reader.slice(key).get_shape())
-            if found[:1] != (num_experts,):
-                raise ValueError(_count_error(folder, block, found[0] if found else 0, num_experts))
-            if found != full:
-                raise ValueError(_shape_error(folder, key, found, full))
-            out[key] = _LocalExperts(reader, shape, fused=(key, lo))
-            continue
-        parts = row_parts(param, full[1])
-        for part in parts:
-            got = ids.get(part.projection, set())
-            if got != set(range(num_experts)):
-                raise ValueError(_count_error(folder, block, len(got), num_experts, part.projection, got))
-        slots = []
-        for expert in range(lo, lo + count):
-            slot = []
-            for part in parts:
-                key = expert_key(block, expert, part.projection)
-                found, want = tuple(reader.slice(key).get_shape()), (part.hi - part.lo, *full[2:])
-                if found != want:
-                    raise ValueError(_shape_error(folder, key, found, want))
-                slot.append((key, part.lo, part.hi))
-            slots.append(slot)
-        out[fused_key(block, param)] = _LocalExperts(reader, shape, slots=slots)
-    return out
 
 
 def _shape_error(folder, key, found, want) -> str:
     return f"checkpoint {folder}: {key} has shape {list(found)}, but the model config gives {list(want)}"
 
 
-def _count_error(folder, block, found, expected, projection=None, ids=None) -> str:
-    what = f"{found} experts" + (f" ({projection}, ids {min(ids)}..{max(ids)})" if ids else "")
+def _count_error(folder, module, found, expected, template=None, ids=None) -> str:
+    what = f"{found} experts" + (f" (keys like {template}, ids {min(ids)}..{max(ids)})" if ids else "")
     return (
-        f"checkpoint {folder} holds {what} for {block}.experts, but the model config says {expected} experts "
+        f"checkpoint {folder} holds {what} for {module}, but the model config says {expected} experts "
         "per layer; the checkpoint and config do not match"
     )
