@@ -1,21 +1,16 @@
-"""DeepSeek-V3 architecture: ``DeepseekV3MoE`` = router ``gate`` + fused ``experts`` + ``shared_experts``.
+"""DeepSeek-V3 architecture (also Kimi K2 / K2.5, whose configs wrap DeepSeek-V3):
+``DeepseekV3MoE`` = router ``gate`` + fused ``experts`` + ``shared_experts``.
 
-The router (sigmoid scores, correction bias, group-limited choice, routed_scaling_factor) and the
-shared experts stay Transformers' code; the first ``first_k_dense_replace`` layers are dense MLPs.
+The hook: a block forward that hands the shared experts to the routed exchange as side work, so they
+run while the routed tokens are in flight (``overlap_chunks`` > 1). Everything else is generic.
 """
 
-MODEL_TYPE = "deepseek_v3"
-BLOCK_CLASS = "DeepseekV3MoE"
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-
-
-def num_experts(config) -> int:
-    return config.n_routed_experts
+MODEL_TYPES = ("deepseek_v3", "kimi_k2", "kimi_k25")
+BLOCK_CLASSES = ("DeepseekV3MoE",)
 
 
 def forward_with_side(block, hidden_states):
-    """``DeepseekV3MoE.forward`` with the shared experts handed to the routed exchange as side work,
-    so they run while the routed tokens are in flight (``overlap_chunks`` > 1). Same arithmetic as
+    """``DeepseekV3MoE.forward`` with the shared experts run as side work. Same arithmetic as
     Transformers' forward: routed output (reshaped) + shared experts of the block's input.
 
     The patched experts module takes ``side=`` and then returns (routed_TH, side()).

@@ -1,4 +1,4 @@
-"""Both install modes ship the per-model adapters of ``patches/`` as ``hiermoe_hf.patches`` (issue 2)."""
+"""Both install modes ship the per-family modules of ``patches/`` as ``hiermoe_hf.patches`` (issue 2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_editable_install_maps_patches_folder():
     assert Path(hiermoe_hf.patches.__file__).resolve() == REPO / "patches" / "__init__.py"
-    assert sorted(hiermoe_hf.patches.ADAPTERS) == ["deepseek_v3", "qwen3_moe"]
+    assert [h.__name__ for h in hiermoe_hf.patches.HOOKS] == ["hiermoe_hf.patches.deepseek_v3"]
 
 
 def test_regular_install_ships_patches(tmp_path):
@@ -25,8 +25,8 @@ def test_regular_install_ships_patches(tmp_path):
     )
     # the target dir goes first on sys.path, ahead of the editable finder (which setuptools appends)
     code = f"import sys; sys.path.insert(0, {str(target)!r}); import hiermoe_hf.patches as p; "
-    code += "print(p.__file__); print(sorted(p.ADAPTERS))"
+    code += "print(p.__file__); print(sorted(h.__name__ for h in p.HOOKS))"
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith(str(target)), lines
-    assert lines[1] == "['deepseek_v3', 'qwen3_moe']"
+    assert lines[1] == "['hiermoe_hf.patches.deepseek_v3']"

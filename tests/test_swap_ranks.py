@@ -33,11 +33,10 @@ def _code(layer_i, param_i, expert, shape):
 def _encode_full_model(model):
     from hiermoe_hf import patches
 
-    adapter = patches.adapter_for(model.config)
     with torch.no_grad():
-        for li, (_, block) in enumerate(patches.find_moe_blocks(model, adapter)):
-            for pi, name in enumerate(adapter.EXPERT_PARAMS):
-                full = getattr(block.experts, name)
+        for li, (site, experts) in enumerate(patches.find_experts(model)):
+            for pi, name in enumerate(site.param_names):
+                full = getattr(experts, name)
                 for x in range(E):
                     full[x] = _code(li, pi, x, full.shape[1:])
 

@@ -90,8 +90,8 @@ def from_pretrained(
     else:
         config, model_kwargs = copy.deepcopy(config), hf_kwargs
     quant = take_quantization(config)  # FP8 / MXFP4 weights are dequantized while read; the model is plain
-    layout = EPLayout.resolve(cfg.ep_size, world, rank)  # E is checked against it once the model exists (on meta)
     base = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    layout = EPLayout.resolve(cfg.ep_size, world, rank, _num_experts(base, config))
     fsdp2 = dense_sharding == "fsdp2" and world > 1
     loader = _local_experts_class(base, layout.rank, layout.ep_size, quant, fsdp2)
     model = loader.from_pretrained(folder, config=config, **model_kwargs)
@@ -99,6 +99,14 @@ def from_pretrained(
         model.__class__ = base  # the subclass only existed to swap the loading step (FSDP2: done before)
     model.config.name_or_path = os.fspath(name_or_path)  # as given (a repo id, not its cache folder)
     return patch_experts(model, cfg, experts_are_local=True)  # the loader read only this rank's experts
+
+
+def _num_experts(model_class: type, config) -> int:
+    """E of ``config``'s model, from its experts modules (``patches.find_experts``) on a meta-device
+    build: no weights are allocated, and no per-family table of config attributes is needed."""
+    with torch.device("meta"):
+        model = model_class._from_config(copy.deepcopy(config))
+    return patches.find_experts(model)[0][0].num_experts
 
 
 def _check_device_map(device_map) -> None:
@@ -141,11 +149,11 @@ def _load_with_local_experts(
     files = [os.fspath(f) for f in checkpoint_files or []]
     if state_dict is not None or not files or not all(f.endswith(".safetensors") for f in files):
         raise ValueError(f"hiermoe_hf.from_pretrained reads safetensors checkpoints only; found {files or 'none'}")
-    sites = experts_sites(model)
+    sites = [site for site, _ in patches.find_experts(model)]  # on meta, still with all E experts
     reader = _ShardReader(files) if quant is None else quant.reader(_ShardReader(files))
     try:
         folder = os.path.dirname(files[0])
-        plan = _experts_plan(model, sites, reader, world, folder)
+        plan = _experts_plan(model, sites, reader, folder)
         fwd = ForwardConversion(load_config.weight_mapping, model)
         weights, consumed = {}, set()
         for fused, (tensors, full) in plan.items():
@@ -170,35 +178,18 @@ def _load_with_local_experts(
         reader.close()
 
 
-def experts_sites(model) -> list[tuple[str, tuple[str, ...], int]]:
-    """(experts module's qualified name, its per-expert parameter names, E) for every experts module,
-    from ``patches``' discovery; ValueError (from the discovery) for a model it cannot serve."""
-    if hasattr(patches, "find_experts"):
-        return [(site.name, tuple(site.param_names), site.num_experts) for site, _ in patches.find_experts(model)]
-    adapter = patches.adapter_for(model.config)  # until the generic discovery lands (issue 17)
-    num = adapter.num_experts(model.config)
-    return [(f"{name}.experts", adapter.EXPERT_PARAMS, num) for name, _ in patches.find_moe_blocks(model, adapter)]
-
-
-def _experts_plan(model, sites, reader, world, folder) -> dict[str, tuple[list[HubTensor], tuple[int, ...]]]:
+def _experts_plan(model, sites, reader, folder) -> dict[str, tuple[list[HubTensor], tuple[int, ...]]]:
     """Fused parameter key -> (the checkpoint tensors it is read from, its full shape [E, ...]).
 
     The expected tensors are the family's Hub layout (Transformers' reverse conversion of the model,
     ``keys.hub_layout``); a checkpoint written with ``save_original_format=False`` holds the fused
     parameter itself. ValueError when the checkpoint holds another number of experts or other shapes.
     """
-    if not sites:
-        raise ValueError(f"no experts module found in this {model.config.model_type} model")
     experts, shapes = {}, {}
-    for name, params, num_experts in sites:
-        if num_experts % world:
-            raise ValueError(
-                f"{num_experts} experts per layer cannot be split over an expert-parallel group of ep_size={world} "
-                f"ranks; choose an ep_size that divides {num_experts}"
-            )
-        for p in params:
-            full = getattr(model.get_submodule(name), p)
-            experts[f"{name}.{p}"], shapes[f"{name}.{p}"] = num_experts, (tuple(full.shape), full.dtype)
+    for site in sites:
+        for p in site.param_names:
+            full = getattr(model.get_submodule(site.name), p)
+            experts[f"{site.name}.{p}"], shapes[f"{site.name}.{p}"] = site.num_experts, (tuple(full.shape), full.dtype)
     layout = hub_layout(model, shapes, experts)
     present = set(reader.keys())
     ids = _expert_ids_present(layout, present)

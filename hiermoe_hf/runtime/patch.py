@@ -63,29 +63,28 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
     config = config or HierMoEConfig()
     guards.refuse_wrappers(model)
     outer, model = model, guards.patch_target(model)
-    adapter = patches.adapter_for(getattr(model, "config", None))
-    blocks = patches.find_moe_blocks(model, adapter)
-    if not blocks:
-        raise ValueError(f"no {adapter.BLOCK_CLASS} block found in this {adapter.MODEL_TYPE} model")
-    num_experts = adapter.num_experts(model.config)
+    sites = patches.find_experts(model)  # ValueError naming the family for a model it cannot serve
+    num_experts = sites[0][0].num_experts
     layout, topology = resolve_layout(config, num_experts)
     world_size, rank = layout.ep_size, layout.rank  # the expert-parallel group's from here on
     ep_group, replica_group = process_groups(layout)
     groups = StageGroups(topology, rank, layout.replica, layout.replicas) if world_size > 1 else None
     runtime = Runtime(
-        config, topology, rank, groups, adapter.MODEL_TYPE, _cost_model(config, topology, groups), layout,
+        config, topology, rank, groups, _family(model), _cost_model(config, topology, groups), layout,
         ep_group, replica_group, _trials(config, topology),
     )
-    for name, block in blocks:
-        experts = block.experts
-        guards.refuse_adapted_experts(experts, name)
-        layer = LayerState(name, runtime, Placement.contiguous(num_experts, world_size), adapter.EXPERT_PARAMS)
+    for site, experts in sites:
+        guards.refuse_adapted_experts(experts, site.block_name)
+        layer = LayerState(site.block_name, runtime, Placement.contiguous(num_experts, world_size), site.param_names)
         if world_size > 1 and not experts_are_local:
             _shard(experts, layer.param_names, layer.local_logical())
         setattr(experts, LAYER_ATTR, layer)
         experts.forward = types.MethodType(experts_forward, experts)
-        if _overlaps_side_work(adapter, config, world_size):
-            block.forward = types.MethodType(_block_forward(adapter), block)
+        block = model.get_submodule(site.block_name)
+        hooks = patches.block_hooks(block)
+        if world_size > 1 and config.overlap_chunks > 1 and hooks is not None:
+            # work beside the routed experts (shared experts) runs while the routed tokens travel
+            block.forward = types.MethodType(_block_forward(hooks), block)
     setattr(model, STATE_ATTR, runtime)
     model.save_pretrained = types.MethodType(save_pretrained, model)  # collective, logical expert order
     if layout.world_size > 1:
@@ -145,17 +144,23 @@ def _cost_model(config: HierMoEConfig, topology: Topology, groups: StageGroups |
     return load_cost_model(config.cost_model, topology)
 
 
-def _overlaps_side_work(adapter, config: HierMoEConfig, world_size: int) -> bool:
-    """Blocks with work beside the routed experts (DeepSeek-V3's shared experts) run it while the
-    routed tokens travel, when the layer pipelines (``overlap_chunks`` > 1)."""
-    return world_size > 1 and config.overlap_chunks > 1 and hasattr(adapter, "forward_with_side")
+def _family(model: torch.nn.Module) -> str:
+    """The model's ``config.model_type`` (informational: ``Runtime.model_type``), else its class name."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
 
 
-def _block_forward(adapter):
-    def forward(block, hidden_states):
-        return adapter.forward_with_side(block, hidden_states)
+def _block_forward(hooks):
+    def hiermoe_side_forward(block, hidden_states):
+        return hooks.forward_with_side(block, hidden_states)
 
-    return forward
+    return hiermoe_side_forward
+
+
+def _remove_block_forward(block: torch.nn.Module) -> None:
+    """Drop the side-work forward ``patch`` installed on ``block`` (and nothing someone else set)."""
+    installed = block.__dict__.get("forward")
+    if getattr(getattr(installed, "__func__", None), "__name__", None) == "hiermoe_side_forward":
+        del block.forward
 
 
 def _gather_full(local: torch.Tensor, placement: Placement, group) -> torch.Tensor:
@@ -176,9 +181,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     outer, model = model, registry.unwrap(model)
     ddp.release(model)
     generate.remove_synced_generate(model)
-    for _, block in patches.find_moe_blocks(model, patches.ADAPTERS[rt.model_type]):
-        block.__dict__.pop("forward", None)  # the side-work forward, if patch installed one
     for _, (experts, layer) in moe_layers(model).items():
+        _remove_block_forward(model.get_submodule(layer.name))
         if rt.world_size > 1:
             for name in layer.param_names:
                 local = getattr(experts, name)
