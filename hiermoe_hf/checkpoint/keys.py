@@ -92,7 +92,8 @@ def hub_layout(model, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], ex
         return [_as_is(k, t, experts) for k, t in probes.items()]
     out = revert_weight_conversion(conv, dict(probes))
     by_id = {id(t): k for k, t in probes.items()}
-    origin = _origins(conv, probes, [k for k, t in out.items() if id(t) not in by_id])
+    origin = _origins(conv, probes, [k for k, t in out.items() if id(t) not in by_id], experts)
+    one_expert: dict[str, dict[str, tuple[int, ...]]] = {}  # source -> its one-expert conversion's shapes
     layout = []
     for key, tensor in out.items():
         source = by_id.get(id(tensor))
@@ -105,7 +106,10 @@ def hub_layout(model, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], ex
                 f"checkpoint key {key} is converted from {source} by Transformers' mapping; hiermoe_hf writes "
                 "dense tensors only as they are (save with save_original_format=False)"
             )
-        layout.append(_expert_tensor(conv, key, tensor, source, probes[source], experts[source]))
+        if source not in one_expert:
+            one = revert_weight_conversion(conv, {source: probes[source][:1]})
+            one_expert[source] = {k: tuple(t.shape) for k, t in one.items()}
+        layout.append(_expert_tensor(key, tensor, source, one_expert[source], experts[source]))
     return layout
 
 
@@ -116,10 +120,10 @@ def _as_is(source: str, tensor: torch.Tensor, experts: dict[str, int], key: str 
     return HubTensor(key or source, shape, tensor.dtype, source, experts.get(source, 0), None, None, ("as-is", source), nbytes)
 
 
-def _origins(conv, probes: dict[str, torch.Tensor], keys: list[str]) -> dict[str, str]:
+def _origins(conv, probes: dict[str, torch.Tensor], keys: list[str], experts: dict[str, int]) -> dict[str, str]:
     """Checkpoint key -> the one model key it is converted from, for the converted ``keys``."""
     wanted, origin = set(keys), {}
-    for source, probe in sorted(probes.items(), key=lambda kv: ".experts." not in kv[0]):  # experts first
+    for source, probe in sorted(probes.items(), key=lambda kv: kv[0] not in experts):  # experts first
         if not wanted:
             break
         produced = set(revert_weight_conversion(conv, {source: probe})) & wanted
@@ -131,9 +135,10 @@ def _origins(conv, probes: dict[str, torch.Tensor], keys: list[str]) -> dict[str
     return origin
 
 
-def _expert_tensor(conv, key: str, tensor: torch.Tensor, source: str, probe: torch.Tensor, num_experts: int) -> HubTensor:
-    """A converted checkpoint tensor of a fused experts parameter: which expert, and its one-expert name."""
-    one = {k: tuple(t.shape) for k, t in revert_weight_conversion(conv, {source: probe[:1]}).items()}
+def _expert_tensor(key: str, tensor: torch.Tensor, source: str, one: dict[str, tuple[int, ...]],
+                   num_experts: int) -> HubTensor:
+    """A converted checkpoint tensor of a fused experts parameter: which expert, and its one-expert
+    name (``one``: key -> shape of the conversion of one expert's slice [1, ...] of ``source``)."""
     shape = tuple(tensor.shape)
     storage = ("converted", id(tensor._base if tensor._base is not None else tensor))
     base = tensor._base if tensor._base is not None else tensor
