@@ -1,5 +1,8 @@
 """The local experts' MLP on the rows a rank received: grouped GEMMs over the local slots.
 
+It honours the experts class as Transformers' own implementations do: per-expert biases, no gate
+(``up_proj`` + activation), transposed weights, the class's ``_apply_gate`` and a post-expert norm.
+
 Transformers' own experts implementations ("grouped_mm", "batched_mm", ...) take the full routing
 of a block and size their offsets by ``num_experts`` (all experts), so none of them can run on a
 rank's subset of slots without changing the module. The same kernel they use for "grouped_mm",
@@ -17,12 +20,30 @@ import torch
 import torch.nn.functional as F
 
 
-def _apply_gate(experts: torch.nn.Module, h_QI2: torch.Tensor) -> torch.Tensor:
-    gate = getattr(experts, "_apply_gate", None)
-    if gate is not None:
-        return gate(h_QI2)
-    g, u = h_QI2.chunk(2, dim=-1)  # Transformers' concatenated [gate; up] layout
-    return experts.act_fn(g) * u
+def up_weight(experts: torch.nn.Module) -> torch.Tensor:
+    """The first projection's weights [e, 2I, H] (``gate_up_proj``), or [e, I, H] without a gate
+    (``up_proj``: Nemotron-H); [e, H, *] when ``is_transposed``."""
+    return experts.gate_up_proj if experts.has_gate else experts.up_proj
+
+
+def _bias(experts: torch.nn.Module, weight_name: str) -> torch.Tensor | None:
+    """The per-expert bias [e, O] of ``weight_name`` when the class has biases (gpt-oss), else None."""
+    return getattr(experts, f"{weight_name}_bias") if experts.has_bias else None
+
+
+def _activate(experts: torch.nn.Module, h_QI: torch.Tensor) -> torch.Tensor:
+    """The class's own gate (``_apply_gate``: concatenated, interleaved or clamped SwiGLU) on the
+    gate+up output, or its activation alone when it has no gate."""
+    return experts._apply_gate(h_QI) if experts.has_gate else experts.act_fn(h_QI)
+
+
+def _post_norm(experts: torch.nn.Module, y_QH: torch.Tensor) -> torch.Tensor:
+    """The class's post-expert norm (a dense module inside the experts: not sharded), when it has one."""
+    return experts.post_expert_norm(y_QH) if getattr(experts, "has_post_expert_norm", False) else y_QH
+
+
+def _up_name(experts: torch.nn.Module) -> str:
+    return "gate_up_proj" if experts.has_gate else "up_proj"
 
 
 _GROUPED_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
@@ -35,11 +56,11 @@ def _grouped_mm_fn():
 def can_group(experts: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether ``grouped_mm`` can run the local slots of ``experts`` on rows like ``x``."""
     impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    if impl == "eager" or _grouped_mm_fn() is None or getattr(experts, "has_bias", False):
+    if impl == "eager" or _grouped_mm_fn() is None:
         return False
-    if not {x.dtype, experts.gate_up_proj.dtype} <= _GROUPED_DTYPES:  # no float64 kernel: the loop runs
+    w = up_weight(experts)
+    if not {x.dtype, w.dtype} <= _GROUPED_DTYPES:  # no float64 kernel: the loop runs
         return False
-    w = experts.gate_up_proj
     if w.device.type == "cuda":
         return torch.cuda.get_device_capability(w.device) >= (8, 0)
     if w.device.type == "cpu":
@@ -65,21 +86,38 @@ def grouped_linear(x_QI: torch.Tensor, w_eOI: torch.Tensor, offs_e: torch.Tensor
 
 
 def _mlp_grouped(experts, x_QH: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMMs over the slots; a bias is added per row (``bias[slot of the row]``)."""
     offs = torch.cumsum(counts_e, 0, dtype=torch.int32)
-    t = bool(getattr(experts, "is_transposed", False))
-    h = _apply_gate(experts, grouped_linear(x_QH, experts.gate_up_proj, offs, t))
-    return grouped_linear(h, experts.down_proj, offs, t)
+    t = bool(experts.is_transposed)
+    slot_Q = None
+    if experts.has_bias:  # rows are grouped by slot; output_size: no host read
+        slot_Q = torch.repeat_interleave(
+            torch.arange(counts_e.shape[0], device=x_QH.device), counts_e, output_size=x_QH.shape[0]
+        )
+
+    def linear(x, name):
+        y = grouped_linear(x, getattr(experts, name), offs, t)
+        bias = _bias(experts, name)
+        return y if bias is None else y + bias[slot_Q].to(y.dtype)
+
+    h = _activate(experts, linear(x_QH, _up_name(experts)))
+    return _post_norm(experts, linear(h, "down_proj"))
 
 
 def _mlp_loop(experts, x_QH: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
     outs = []
-    t = bool(getattr(experts, "is_transposed", False))
+    t = bool(experts.is_transposed)
+    up, down = _up_name(experts), "down_proj"
+
+    def linear(x, name, slot):
+        w = getattr(experts, name)[slot]
+        bias = _bias(experts, name)
+        return F.linear(x, w.t() if t else w, None if bias is None else bias[slot])
+
     for slot, x_chunk in enumerate(x_QH.split(counts_e.tolist())):  # host read: the fallback only
-        gu = experts.gate_up_proj[slot]
-        h = _apply_gate(experts, F.linear(x_chunk, gu.t() if t else gu))
-        dp = experts.down_proj[slot]
-        outs.append(F.linear(h, dp.t() if t else dp))
-    return torch.cat(outs) if outs else x_QH.new_zeros(0, x_QH.shape[1])
+        outs.append(linear(_activate(experts, linear(x_chunk, up, slot)), down, slot))
+    y_QH = torch.cat(outs) if outs else x_QH.new_zeros(0, x_QH.shape[1])
+    return _post_norm(experts, y_QH)
 
 
 def local_experts_forward(
@@ -96,8 +134,9 @@ def local_experts_forward(
     """Run every carried selection through its local expert and sum a row's weighted outputs.
 
     Args:
-        experts: the Transformers experts module, holding local slots only:
-            ``gate_up_proj`` [e, 2I, H], ``down_proj`` [e, H, I].
+        experts: the Transformers experts module (``use_experts_implementation``), holding local slots
+            only: ``gate_up_proj`` [e, 2I, H] (``up_proj`` [e, I, H] without a gate), ``down_proj``
+            [e, H, I] (transposed layouts: [e, H, 2I] / [e, I, H]), optional ``*_bias`` [e, O].
         x_RH: [R, H] received rows; phys_RK: int64 [R, K] physical ids (-1 = not carried);
         w_RK: [R, K] routing weights.
         arriving: Q, the carried selections (from the layer's count exchange; None = count here).
@@ -113,7 +152,7 @@ def local_experts_forward(
     x_QH = ops.pack_rows(x_RH, layout.src_row_Q)
     w_Q = w_RK[layout.src_row_Q, layout.src_k_Q]
     if not torch.is_autocast_enabled(x_QH.device.type):
-        x_QH = x_QH.to(experts.gate_up_proj.dtype)
+        x_QH = x_QH.to(up_weight(experts).dtype)
     use_grouped = can_group(experts, x_QH) if grouped is None else grouped
     y_QH = (_mlp_grouped if use_grouped else _mlp_loop)(experts, x_QH, layout.counts_e)
     if torch.promote_types(y_QH.dtype, w_Q.dtype).itemsize < 4:

@@ -1,0 +1,184 @@
+"""Every MoE family through the generic experts-interface path (issue 17 items 1, 3, 4, 7).
+
+Each family's tiny model is built from its own Transformers config class (``hiermoe_hf.tiny_families``).
+On 4 gloo ranks as 2x2, with ``a2a`` and with ``hd2``, the patched model is checked against the
+unpatched Transformers model in one process on the global batch (each rank's slice: logits, loss,
+aux loss of the first step; AdamW over the global batch, loss averaged over the 4 slices: every
+parameter after 2 steps, one forced expert swap between them), and its ``save_pretrained`` output
+loads in plain Transformers and equals the trained model. float64 (the loop runs the local experts:
+``grouped_mm`` has no float64 kernel; the fp32 grouped path is checked against Transformers in
+``test_grouped_experts.py``): in fp32, AdamW's per-element normalisation turns summation-order
+noise of near-zero gradients into 1e-4 parameter differences (``test_ep_groups.py``), which would
+hide a real error; in float64 the tolerance is 1e-5 relative with ~1e-7 measured.
+
+Compositions (item 4) on three unlike families (gpt-oss: biases, transposed, clamped interleaved
+gate; Nemotron-H: no gate, hybrid Mamba; Mixtral): ``overlap_chunks=2`` and ``ep_size=2``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import hiermoe_hf
+from hiermoe_hf import patches
+from hiermoe_hf.runtime.registry import moe_layers
+from hiermoe_hf.tiny_families import (
+    FAMILY, IMAGE_TEXT, TOKENS, available, build_family_model, model_class, tiny_family_config,
+)
+
+PER_RANK, SEQ, STEPS, LR, RTOL = 2, 6, 2, 1e-2, 1e-5
+# The issue's families (first paragraph) and the others the generic path claims; image-text models
+# are their *ForConditionalGeneration classes on text-only input (vision tower built, not patched).
+FAMILIES = [
+    "qwen3_moe", "deepseek_v3", "kimi_k2", "qwen3_5_moe_text", "qwen3_5_moe", "gpt_oss", "gemma4_text", "gemma4",
+    "glm4_moe", "glm_moe_dsa", "glm4_moe_lite", "deepseek_v32", "deepseek_v4", "qwen3_next", "minimax_m2",
+    "nemotron_h", "qwen3_vl_moe", "mixtral", "ernie4_5_moe", "qwen2_moe", "olmoe",
+]
+COMPOSED = ["gpt_oss", "nemotron_h", "mixtral"]
+VARIANTS = {"overlap": dict(topology="2x2", overlap_chunks=2), "ep2": dict(topology="1x2", ep_size=2)}
+
+
+def _config(family: str):
+    """Kimi K2 ships DeepSeek-V3's architecture under its own model_type: a DeepseekV3Config renamed."""
+    if family == "kimi_k2":
+        config = tiny_family_config("deepseek_v3")
+        config.model_type = "kimi_k2"
+        return config
+    return tiny_family_config(family)
+
+
+def _skip_missing(family: str) -> None:
+    if not available("deepseek_v3" if family == "kimi_k2" else family):
+        import transformers
+
+        pytest.skip(f"Transformers {transformers.__version__} has no {family}")
+
+
+def _batch(step: int, world: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(300 + step)
+    return torch.randint(*TOKENS, (world * PER_RANK, SEQ), generator=g)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def _model(family: str):
+    model = build_family_model(_config(family), seed=5, dtype=torch.float64).train()
+    model.set_experts_implementation("eager")  # Transformers' own experts: no float64 grouped_mm
+    return model
+
+
+@functools.cache
+def _reference(family: str, world: int):
+    """Unpatched, one process: per-slice (logits, loss, aux) of step 0; parameters after STEPS AdamW steps."""
+    model = _model(family)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    first = []
+    for step in range(STEPS):
+        total = 0.0
+        for s in _batch(step, world).split(PER_RANK):
+            out = model(input_ids=s, labels=s)
+            if step == 0:
+                aux = getattr(out, "aux_loss", None)
+                first.append((out.logits.detach(), out.loss.detach(), None if aux is None else aux.detach()))
+            (out.loss / world).backward()
+            total += float(out.loss)
+        opt.step()
+        opt.zero_grad()
+    return first, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def family_job(family: str, strategy: str, variant: str | None, save_dir: str | None) -> dict:
+    """STEPS AdamW steps of the patched model on this rank's slice with a forced swap after the first;
+    errors against ``_reference``; optionally saves and (rank 0) reloads in plain Transformers."""
+    from hiermoe_hf.swap.executor import execute_swaps
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    first, ref_params = _reference(family, W)
+    model = _model(family)
+    extra = VARIANTS[variant] if variant else dict(topology="2x2")
+    hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(dispatch=strategy, **extra))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    names = list(moe_layers(model))
+    E = moe_layers(model)[names[0]][1].placement.num_experts
+    err = {"layers": len(names)}
+    for step in range(STEPS):
+        x = _batch(step, W).split(PER_RANK)[r]
+        out = model(input_ids=x, labels=x)
+        if step == 0:
+            logits, loss, aux = first[r]
+            err["logits"], err["loss"] = _rel(out.logits, logits), _rel(out.loss, loss)
+            got_aux = getattr(out, "aux_loss", None)
+            assert (got_aux is None) == (aux is None), "aux loss present in one model only"
+            err["aux"] = 0.0 if aux is None else _rel(got_aux, aux)
+        out.loss.backward()
+        hiermoe_hf.all_reduce_gradients(model)
+        opt.step()
+        if step == 0:
+            execute_swaps(model, [(names[0], 0, E - 1), (names[-1], 1, E // 2)], opt)  # across nodes and ranks
+        opt.zero_grad()
+    saved = {}
+    for layout in ("hub", "fused") if save_dir is not None else ():
+        try:  # every rank raises alike (before any collective) for a layout item 5 has not made writable
+            model.save_pretrained(os.path.join(save_dir, layout), save_original_format=layout == "hub")
+            saved[layout] = None
+        except ValueError as e:
+            saved[layout] = f"save: {e}"
+    hiermoe_hf.unpatch(model)
+    err["params"] = max(_rel(p, ref_params[n]) for n, p in model.named_parameters())
+    if save_dir is not None and r == 0:
+        trained = dict(model.named_parameters())
+        for layout, failed in saved.items():
+            if failed:
+                err[f"load_{layout}"] = failed
+                continue
+            try:
+                loaded = model_class(model.config).from_pretrained(os.path.join(save_dir, layout), dtype=torch.float64)
+                got = dict(loaded.named_parameters())
+                err[f"load_{layout}"] = max(_rel(got[n], p) for n, p in trained.items()) if got.keys() == trained.keys() else 1.0
+            except Exception as e:  # noqa: BLE001  (reported: a layout item 5 has not made readable yet)
+                err[f"load_{layout}"] = f"{type(e).__name__}: {str(e)[:300]}"
+    dist.barrier()
+    return err
+
+
+def _check(results: list[dict], where: str) -> None:
+    for r, err in enumerate(results):
+        for key in ("logits", "loss", "aux", "params"):
+            assert err[key] <= RTOL, (key, f"rank {r}, {where}: {err}")
+
+
+# Families whose Hub key layout ``save_pretrained`` (save_original_format=True) does not write yet:
+# per-expert key layouts other than Qwen's gate_proj/up_proj/down_proj are issue 17 item 5 (branch
+# issue17-ckpt). Filled from what this module measured; the fused layout loads for every family.
+HUB_LAYOUT_PENDING = {"__measure__",
+                      "ernie4_5_moe", "olmoe", "qwen3_5_moe", "qwen3_vl_moe"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_equals_transformers_on_the_global_batch(ranks, family, tmp_path):
+    _skip_missing(family)
+    pool = ranks(4)
+    a2a = pool.run(family_job, family, "a2a", None, str(tmp_path))
+    _check(a2a, f"{family} a2a")
+    hd2 = pool.run(family_job, family, "hd2", None, None)
+    _check(hd2, f"{family} hd2")
+    assert a2a[0]["layers"] >= 1
+    assert a2a[0]["load_fused"] == pytest.approx(0.0, abs=RTOL), a2a[0]["load_fused"]
+    if family not in HUB_LAYOUT_PENDING:
+        assert a2a[0]["load_hub"] == pytest.approx(0.0, abs=RTOL), a2a[0]["load_hub"]
+    elif isinstance(a2a[0]["load_hub"], float) and a2a[0]["load_hub"] <= RTOL:
+        pytest.fail(f"{family}'s Hub layout now loads: remove it from HUB_LAYOUT_PENDING")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("family", COMPOSED)
+def test_compositions(ranks, family, variant):
+    _skip_missing(family)
+    _check(ranks(4).run(family_job, family, "auto", variant, None), f"{family} {variant}")
