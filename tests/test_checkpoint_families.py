@@ -24,48 +24,30 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from transformers import (
-    AutoModelForCausalLM,
-    GptOssConfig,
-    MixtralConfig,
-    Mxfp4Config,
-    OlmoeConfig,
-    Qwen2MoeConfig,
-)
+from transformers import AutoModelForCausalLM, Mxfp4Config
 from transformers.integrations.mxfp4 import FP4_VALUES
 
 import hiermoe_hf
 from hiermoe_hf.checkpoint import load as load_module
 from hiermoe_hf.runtime.registry import moe_layers
+from hiermoe_hf.checkpoint.keys import ForwardConversion, check_complete, conversions, experts_to_hub, hub_layout
+from hiermoe_hf.tiny_families import FAMILY, IMAGE_TEXT, available, build_family_model, model_class, tiny_family_config
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
 WORLD, TOPOLOGY = 4, "2x2"
-SHARD = "60KB"  # several shard files, a layer's experts split across them
+SHARD = "40KB"  # several shard files, a layer's experts split across them
 SWAPS = [(0, 5), (1, 6), (3, 7), (2, 4)]  # non-contiguous placement: experts cross ranks both ways
-_COMMON = dict(
-    vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.1,
-)
-CONFIGS = {
-    "mixtral": lambda: MixtralConfig(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, **_COMMON),
-    "gpt_oss": lambda: GptOssConfig(
-        intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16, **_COMMON
-    ),
-    "qwen2_moe": lambda: Qwen2MoeConfig(
-        intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=8,
-        num_experts_per_tok=2, **_COMMON,
-    ),
-    "olmoe": lambda: OlmoeConfig(intermediate_size=32, num_experts=8, num_experts_per_tok=2, **_COMMON),
-}
+# Unlike Hub layouts (per-expert w1/w2/w3 with renamed blocks; per-expert gate/up/down; fused with
+# biases; no gate; experts on the decoder layer; an image-text model with transposed fused experts).
+KINDS = ["mixtral", "gpt_oss", "qwen2_moe", "olmoe", "nemotron_h", "gemma4_text", "qwen3_vl_moe"]
 
 
-def _model(kind: str):
-    model = build_model(CONFIGS[kind]())
-    with torch.no_grad():  # gpt-oss biases start at zero: make them count
-        for name, p in model.named_parameters():
-            if name.endswith("_bias") and ".experts." in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
-    return model
+def _model(kind: str, **overrides):
+    return build_family_model(tiny_family_config(kind, **overrides))
+
+
+def _plain_class(kind: str):
+    return model_class(tiny_family_config(kind))
 
 
 def _hand_swap(model, pairs) -> None:
@@ -89,7 +71,7 @@ def _rank_save(kind: str, folder: str) -> None:
     model.save_pretrained(folder, max_shard_size=SHARD)
 
 
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_save_writes_the_family_hub_layout(ranks, tmp_path, kind):
     ranks(WORLD).run(_rank_save, kind, str(tmp_path / "ours"))
     _model(kind).save_pretrained(tmp_path / "plain", max_shard_size=SHARD)
@@ -101,7 +83,7 @@ def test_save_writes_the_family_hub_layout(ranks, tmp_path, kind):
         index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())["weight_map"]
         assert "model.layers.1.block_sparse_moe.experts.7.w3.weight" in index
         assert "model.layers.1.block_sparse_moe.gate.weight" in index
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").state_dict()
+    reloaded = _plain_class(kind).from_pretrained(tmp_path / "ours").state_dict()
     want = _model(kind).state_dict()
     assert set(reloaded) == set(want)
     assert all(torch.equal(reloaded[k], want[k]) for k in want)
@@ -135,7 +117,7 @@ def _experts_read(log) -> list[int]:
     return sorted(out)
 
 
-def _rank_load(folder: str, reference_kwargs: dict):
+def _rank_load(folder: str, kind: str, reference_kwargs: dict):
     log = []
     original = load_module._ShardReader.slice
 
@@ -149,7 +131,7 @@ def _rank_load(folder: str, reference_kwargs: dict):
         ours = hiermoe_hf.from_pretrained(folder, cfg)
     finally:
         load_module._ShardReader.slice = original
-    ref = hiermoe_hf.patch(AutoModelForCausalLM.from_pretrained(folder, **reference_kwargs), cfg)
+    ref = hiermoe_hf.patch(_plain_class(kind).from_pretrained(folder, **reference_kwargs), cfg)
     mine, theirs = ours.state_dict(), ref.state_dict()
     differ = sorted(k for k in theirs if mine[k].dtype != theirs[k].dtype or not torch.equal(mine[k], theirs[k]))
     local = sorted({e for _, layer in moe_layers(ours).values() for e in layer.local_logical().tolist()})
@@ -166,10 +148,10 @@ def _check_load(results, quantized: bool = False) -> None:
         assert mine == theirs or quantized
 
 
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_from_pretrained_reads_only_local_experts_of_the_hub_layout(ranks, tmp_path, kind):
     _model(kind).save_pretrained(tmp_path, max_shard_size=SHARD)  # plain Transformers: the Hub layout
-    _check_load(ranks(WORLD).run(_rank_load, str(tmp_path), {}))
+    _check_load(ranks(WORLD).run(_rank_load, str(tmp_path), kind, {}))
 
 
 # --- quantized Hub releases: the test writes its own tiny checkpoints in those formats -------------
@@ -207,7 +189,7 @@ def _requantize(plain: str, folder: str, quantize, quant_config: dict) -> None:
 
 
 def test_gpt_oss_mxfp4_experts_dequantized_locally(ranks, tmp_path):
-    _model("gpt_oss").save_pretrained(tmp_path / "plain")
+    _model("gpt_oss", hidden_size=64, intermediate_size=32).save_pretrained(tmp_path / "plain")  # 32-value blocks
 
     def quantize(key, t):
         if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -219,7 +201,7 @@ def test_gpt_oss_mxfp4_experts_dequantized_locally(ranks, tmp_path):
         "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
     })
     reference = {"quantization_config": Mxfp4Config(dequantize=True)}  # Transformers' own dequantization
-    _check_load(ranks(WORLD).run(_rank_load, str(tmp_path / "mxfp4"), reference), quantized=True)
+    _check_load(ranks(WORLD).run(_rank_load, str(tmp_path / "mxfp4"), "gpt_oss", reference), quantized=True)
 
 
 def test_qwen3_moe_fp8_per_expert_dequantized_locally(ranks, tmp_path):
@@ -236,7 +218,7 @@ def test_qwen3_moe_fp8_per_expert_dequantized_locally(ranks, tmp_path):
         "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block),
     })
     assert any(re.search(r"experts\.\d+\.down_proj\.weight_scale_inv$", k) for k in load_file(tmp_path / "fp8" / "model.safetensors"))
-    _check_load(ranks(WORLD).run(_rank_load, str(tmp_path / "fp8"), {}), quantized=True)
+    _check_load(ranks(WORLD).run(_rank_load, str(tmp_path / "fp8"), "qwen3_moe", {}), quantized=True)
 
 
 def test_other_quantization_formats_are_refused(tmp_path):
@@ -246,3 +228,43 @@ def test_other_quantization_formats_are_refused(tmp_path):
     json.dump(config, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match="quant_method='gptq' is not supported.*'fp8'.*'mxfp4'"):
         hiermoe_hf.from_pretrained(str(tmp_path))
+
+
+# --- every family: the layout read off Transformers' conversion mapping, one process --------------
+
+# Text families, and image-text ones as the whole image-text model (its own conversion mapping).
+ALL = sorted((set(FAMILY) - {text for text, _, _ in IMAGE_TEXT.values()}) | set(IMAGE_TEXT))
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_layout_is_transformers_own_for_every_family(kind):
+    """Per-expert conversion both ways equals Transformers' whole-model conversion: the save's keys, order
+    and bytes are what plain ``save_pretrained`` writes, and loading expert by expert gives back each slot."""
+    if not available(kind):
+        pytest.skip(f"this Transformers has no {kind}")
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = _model(kind)
+    state = model.state_dict()
+    experts = {f"{s.name}.{p}": s.num_experts for s, _ in hiermoe_hf.patches.find_experts(model) for p in s.param_names}
+    layout = hub_layout(model, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, experts)
+    check_complete(layout, experts)
+    plain = revert_weight_conversion(model, dict(state))
+    assert [t.key for t in layout] == list(plain)
+    conv = conversions(model)
+    for t in layout:
+        src = state[t.source]
+        if t.template is None:
+            got = src
+        elif t.stacked:
+            got = torch.cat([experts_to_hub(conv, t.source, src[g : g + 1])[t.template] for g in range(t.experts)])
+        else:
+            got = experts_to_hub(conv, t.source, src[t.expert : t.expert + 1])[t.template]
+        assert tuple(got.shape) == t.shape and torch.equal(got, plain[t.key]), t.key
+    forward = ForwardConversion(get_model_conversion_mapping(model), model)
+    for fused, num in experts.items():  # per-expert keys: the loader converts them expert by expert
+        tensors = [t for t in layout if t.source == fused and t.expert is not None]
+        for g in range(num if tensors else 0):
+            got = forward({t.key: plain[t.key] for t in tensors if t.expert == g})
+            assert list(got) == [fused] and torch.equal(got[fused], state[fused][g : g + 1]), (fused, g)

@@ -77,6 +77,20 @@ def conversions(model) -> types.SimpleNamespace:
     return types.SimpleNamespace(_weight_conversions=found, config=model.config)
 
 
+def _revert(conv, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Transformers' reverse conversion of ``state``. Ops that look at the model's parameter
+    (``Transpose(check_dims=True)``: transpose only what is not already in the model's layout) see
+    the tensors being converted, which are in the unpatched model's layout: the model's own slices."""
+
+    def get_parameter(name: str) -> torch.Tensor:
+        if name not in state:
+            raise AttributeError(f"no parameter {name} among the tensors being converted")
+        return state[name]
+
+    view = types.SimpleNamespace(**vars(conv), get_parameter=get_parameter)
+    return revert_weight_conversion(view, dict(state))
+
+
 def hub_layout(model, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], experts: dict[str, int],
                original_format: bool = True) -> list[HubTensor]:
     """The checkpoint tensors of a model whose state dict has ``shapes`` (key -> (full shape, dtype);
@@ -90,7 +104,7 @@ def hub_layout(model, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], ex
     conv = conversions(model)
     if not original_format or conv._weight_conversions is None:
         return [_as_is(k, t, experts) for k, t in probes.items()]
-    out = revert_weight_conversion(conv, dict(probes))
+    out = _revert(conv, probes)
     by_id = {id(t): k for k, t in probes.items()}
     origin = _origins(conv, probes, [k for k, t in out.items() if id(t) not in by_id], experts)
     one_expert: dict[str, dict[str, tuple[int, ...]]] = {}  # source -> its one-expert conversion's shapes
@@ -107,7 +121,7 @@ def hub_layout(model, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], ex
                 "dense tensors only as they are (save with save_original_format=False)"
             )
         if source not in one_expert:
-            one = revert_weight_conversion(conv, {source: probes[source][:1]})
+            one = _revert(conv, {source: probes[source][:1]})
             one_expert[source] = {k: tuple(t.shape) for k, t in one.items()}
         layout.append(_expert_tensor(key, tensor, source, one_expert[source], experts[source]))
     return layout
@@ -126,7 +140,7 @@ def _origins(conv, probes: dict[str, torch.Tensor], keys: list[str], experts: di
     for source, probe in sorted(probes.items(), key=lambda kv: kv[0] not in experts):  # experts first
         if not wanted:
             break
-        produced = set(revert_weight_conversion(conv, {source: probe})) & wanted
+        produced = set(_revert(conv, {source: probe})) & wanted
         for key in produced:
             origin[key] = source
         wanted -= produced
@@ -174,7 +188,7 @@ def experts_to_hub(conv, source: str, one_expert: torch.Tensor) -> dict[str, tor
     fused parameter ``source``, converted by Transformers' reverse ops (what a plain save writes)."""
     if conv._weight_conversions is None:
         return {source: one_expert}
-    return revert_weight_conversion(conv, {source: one_expert})
+    return _revert(conv, {source: one_expert})
 
 
 def check_complete(layout: list[HubTensor], experts: dict[str, int]) -> None:

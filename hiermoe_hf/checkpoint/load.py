@@ -24,7 +24,7 @@ import os
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedConfig
 from transformers.models.auto.auto_factory import _get_model_class
 
 from hiermoe_hf import patches
@@ -90,7 +90,7 @@ def from_pretrained(
     else:
         config, model_kwargs = copy.deepcopy(config), hf_kwargs
     quant = take_quantization(config)  # FP8 / MXFP4 weights are dequantized while read; the model is plain
-    base = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    base = _model_class(config)
     layout = EPLayout.resolve(cfg.ep_size, world, rank, _num_experts(base, config))
     fsdp2 = dense_sharding == "fsdp2" and world > 1
     loader = _local_experts_class(base, layout.rank, layout.ep_size, quant, fsdp2)
@@ -99,6 +99,15 @@ def from_pretrained(
         model.__class__ = base  # the subclass only existed to swap the loading step (FSDP2: done before)
     model.config.name_or_path = os.fspath(name_or_path)  # as given (a repo id, not its cache folder)
     return patch_experts(model, cfg, experts_are_local=True)  # the loader read only this rank's experts
+
+
+def _model_class(config) -> type:
+    """The class ``AutoModelForCausalLM`` builds for ``config``; for an image-text family without a
+    causal-LM class (Qwen3-VL-MoE), the one ``AutoModelForImageTextToText`` builds."""
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return _get_model_class(config, auto._model_mapping)
+    raise ValueError(f"{type(config).__name__} ({config.model_type}) has no causal-LM or image-text model class")
 
 
 def _num_experts(model_class: type, config) -> int:
