@@ -128,3 +128,17 @@ def test_planner_prices_as_auto_does(seed, monkeypatch):
         for s in out["strategies"]:
             assert s["predicted_ms"] == pytest.approx(expected[s["name"]], rel=1e-12)
         assert planner.chosen(out) == min(topo.strategies(), key=lambda n: (expected[n], topo.strategies().index(n)))
+
+
+@pytest.mark.parametrize("family,moe_layers,inter", [("mixtral", 2, 64), ("gpt_oss", 2, 16), ("nemotron_h", 1, 16)])
+def test_any_family_config_through_the_cli(tmp_path, capsys, family, moe_layers, inter):
+    """A local config.json / folder of a family the planner has no table for: E, K, hidden, intermediate
+    and MoE layers are the tiny config's (hiermoe_hf.tiny_families: 8 experts, top-2, hidden 32)."""
+    from hiermoe_hf.tiny_families import tiny_family_config
+
+    tiny_family_config(family).save_pretrained(tmp_path)
+    for model in (str(tmp_path), str(tmp_path / "config.json")):
+        spec = planner.load_model_spec(model)
+        assert (spec.experts, spec.topk, spec.hidden, spec.moe_intermediate, spec.moe_layers) == (8, 2, 32, inter, moe_layers)
+    assert planner.main(["--model", str(tmp_path / "config.json"), "--topology", "2x2", "--tokens", "64"]) == 0
+    assert "E=8 K=2 hidden=32" in capsys.readouterr().out

@@ -52,10 +52,9 @@ def load_config(model: str):
         return AutoConfig.for_model(spec.pop("model_type"), **spec)
     if os.path.isfile(model):
         with open(model) as f:
-            spec = json.load(f)
-        if "model_type" not in spec:
-            raise ValueError(f"{model!r} has no model_type; it is not a Transformers config.json")
-        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+            if "model_type" not in json.load(f):
+                raise ValueError(f"{model!r} has no model_type; it is not a Transformers config.json")
+        return AutoConfig.from_pretrained(model)  # Transformers' own reader (its encoded inf/nan floats)
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise ValueError(f"folder {model!r} has no config.json")
