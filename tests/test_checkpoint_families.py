@@ -232,8 +232,9 @@ def test_other_quantization_formats_are_refused(tmp_path):
 
 # --- every family: the layout read off Transformers' conversion mapping, one process --------------
 
-# Text families, and image-text ones as the whole image-text model (its own conversion mapping).
-ALL = sorted((set(FAMILY) - {text for text, _, _ in IMAGE_TEXT.values()}) | set(IMAGE_TEXT))
+# Every tiny family, image-text ones also as the whole image-text model (its own conversion mapping);
+# Qwen3-VL-MoE's text config has no causal-LM class of its own.
+ALL = sorted((set(FAMILY) | set(IMAGE_TEXT)) - {"qwen3_vl_moe_text"})
 
 
 @pytest.mark.parametrize("kind", ALL)
