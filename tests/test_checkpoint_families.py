@@ -24,13 +24,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, Mxfp4Config
+from transformers import Mxfp4Config
 from transformers.integrations.mxfp4 import FP4_VALUES
 
 import hiermoe_hf
 from hiermoe_hf.checkpoint import load as load_module
-from hiermoe_hf.runtime.registry import moe_layers
 from hiermoe_hf.checkpoint.keys import ForwardConversion, check_complete, conversions, experts_to_hub, hub_layout
+from hiermoe_hf.runtime.registry import moe_layers
 from hiermoe_hf.tiny_families import FAMILY, IMAGE_TEXT, available, build_family_model, model_class, tiny_family_config
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
@@ -198,7 +198,9 @@ def test_gpt_oss_mxfp4_experts_dequantized_locally(ranks, tmp_path):
 
     _requantize(str(tmp_path / "plain"), str(tmp_path / "mxfp4"), quantize, {
         "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+        ],
     })
     reference = {"quantization_config": Mxfp4Config(dequantize=True)}  # Transformers' own dequantization
     _check_load(ranks(WORLD).run(_rank_load, str(tmp_path / "mxfp4"), "gpt_oss", reference), quantized=True)
@@ -217,7 +219,8 @@ def test_qwen3_moe_fp8_per_expert_dequantized_locally(ranks, tmp_path):
     _requantize(str(tmp_path / "plain"), str(tmp_path / "fp8"), quantize, {
         "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block),
     })
-    assert any(re.search(r"experts\.\d+\.down_proj\.weight_scale_inv$", k) for k in load_file(tmp_path / "fp8" / "model.safetensors"))
+    written = load_file(tmp_path / "fp8" / "model.safetensors")
+    assert any(re.search(r"experts\.\d+\.down_proj\.weight_scale_inv$", k) for k in written)
     _check_load(ranks(WORLD).run(_rank_load, str(tmp_path / "fp8"), "qwen3_moe", {}), quantized=True)
 
 

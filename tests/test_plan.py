@@ -139,6 +139,7 @@ def test_any_family_config_through_the_cli(tmp_path, capsys, family, moe_layers,
     tiny_family_config(family).save_pretrained(tmp_path)
     for model in (str(tmp_path), str(tmp_path / "config.json")):
         spec = planner.load_model_spec(model)
-        assert (spec.experts, spec.topk, spec.hidden, spec.moe_intermediate, spec.moe_layers) == (8, 2, 32, inter, moe_layers)
+        got = (spec.experts, spec.topk, spec.hidden, spec.moe_intermediate, spec.moe_layers)
+        assert got == (8, 2, 32, inter, moe_layers)
     assert planner.main(["--model", str(tmp_path / "config.json"), "--topology", "2x2", "--tokens", "64"]) == 0
     assert "E=8 K=2 hidden=32" in capsys.readouterr().out

@@ -131,7 +131,8 @@ def _as_is(source: str, tensor: torch.Tensor, experts: dict[str, int], key: str 
     """A model tensor written unchanged (a dense tensor, or a fused experts parameter, stacked)."""
     nbytes = tensor.numel() * tensor.element_size()
     shape = tuple(tensor.shape)
-    return HubTensor(key or source, shape, tensor.dtype, source, experts.get(source, 0), None, None, ("as-is", source), nbytes)
+    num = experts.get(source, 0)
+    return HubTensor(key or source, shape, tensor.dtype, source, num, None, None, ("as-is", source), nbytes)
 
 
 def _origins(conv, probes: dict[str, torch.Tensor], keys: list[str], experts: dict[str, int]) -> dict[str, str]:

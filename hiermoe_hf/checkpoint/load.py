@@ -214,7 +214,9 @@ def _experts_plan(model, sites, reader, folder) -> dict[str, tuple[list[HubTenso
             if found is not None and found != set(range(num_experts)):
                 raise ValueError(_count_error(folder, module, len(found), num_experts, t.template, found))
             if t.key not in present:
-                raise ValueError(f"checkpoint {folder} has no {t.key} (expert weights of {module}, per-expert or fused)")
+                raise ValueError(
+                    f"checkpoint {folder} has no {t.key} (expert weights of {module}, per-expert or fused)"
+                )
             on_disk = tuple(reader.slice(t.key).get_shape())
             if t.expert is None and on_disk[:1] != (num_experts,):
                 raise ValueError(_count_error(folder, module, on_disk[0] if on_disk else 0, num_experts))

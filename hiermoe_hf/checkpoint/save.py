@@ -169,9 +169,8 @@ def _checkpoint_entries(model: torch.nn.Module, original_format: bool) -> dict[s
     for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
         state.pop(key, None)
     state = remove_tied_weights_from_state_dict(state, model)
-    fused = {
-        f"{name}.{p}": (name, layer, p) for name, (_, layer) in experts_modules(model).items() for p in layer.param_names
-    }
+    modules = experts_modules(model)
+    fused = {f"{name}.{p}": (name, layer, p) for name, (_, layer) in modules.items() for p in layer.param_names}
     absent = sorted(set(fused) - set(state))
     if absent:
         raise RuntimeError(f"patched experts missing from the state dict: {absent[:4]}")

@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from hiermoe_hf.cost.moe_model import PRESET_CONFIGS, MoeModel, load_config  # noqa: F401  (re-exported)
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}

@@ -109,9 +109,10 @@ class MoeModel:
         try:
             sites = patches.find_experts(model)
         except ValueError as err:
-            raise ValueError(f"config of {name or config.model_type!r} is not a MoE config this planner can read: {err}")
+            what = name or config.model_type
+            raise ValueError(f"config of {what!r} is not a MoE config this planner can read: {err}") from err
         site, experts = sites[0]
-        down = getattr(experts, "down_proj")  # [E, H, I], or [E, I, H] for a transposed experts class
+        down = experts.down_proj  # [E, H, I], or [E, I, H] for a transposed experts class
         hidden, inter = (down.shape[2], down.shape[1]) if experts.is_transposed else (down.shape[1], down.shape[2])
         ids = {id(getattr(m, p)) for s, m in sites for p in s.param_names}
         dense, expert_params = [], []
@@ -134,5 +135,6 @@ def _topk(block: torch.nn.Module, config, name: str) -> int:
             return k
     k = getattr(config, "num_experts_per_tok", None)
     if not k:
-        raise ValueError(f"config of {name or config.model_type!r}: cannot find top-k (no router top_k, no num_experts_per_tok)")
+        what = name or config.model_type
+        raise ValueError(f"config of {what!r}: cannot find top-k (no router top_k, no num_experts_per_tok)")
     return int(k)
