@@ -11,6 +11,9 @@ module's fused parameters (still on meta) to this rank's slots [E/W, ...], then 
 the dense tensors as lazy safetensors slices and, for the experts, stand-ins that read only experts
 [rank*E/W, (rank+1)*E/W) when Transformers materialises them (rank and W of the rank's
 expert-parallel group: with ``ep_size`` < W every replica of the group reads the same experts).
+Which checkpoint keys hold which expert is the family's own Hub layout, read off Transformers'
+conversion mapping (``keys.py``); quantized releases (fine-grained FP8, gpt-oss MXFP4) are
+dequantized while read (``quantized.py``).
 The model gets its own class back before ``patch`` shards nothing more (the slots already hold
 the contiguous placement's experts).
 """
@@ -52,8 +55,10 @@ def from_pretrained(
     Collective over the default process group (like ``patch``). ``hf_kwargs`` are
     ``AutoModelForCausalLM.from_pretrained``'s (``dtype``, ``revision``, ``cache_dir``, ``token``,
     ``local_files_only``, ``subfolder``, ``attn_implementation``, ``device_map`` = one device, config
-    overrides, ...). The checkpoint may hold per-expert keys (``...experts.7.gate_proj.weight``, the Hub
-    layout) or fused ones (``...experts.gate_up_proj`` [E, 2I, H], ``...experts.down_proj`` [E, H, I]).
+    overrides, ...). The checkpoint may be in the family's Hub layout (per-expert keys such as Qwen's
+    ``...experts.7.gate_proj.weight`` or Mixtral's ``...block_sparse_moe.experts.7.w1.weight``; fused
+    tensors for gpt-oss) or hold the model's fused tensors (``save_original_format=False``), and may be
+    a fine-grained FP8 or gpt-oss MXFP4 release (dequantized while read; other quantizations: ValueError).
     ``dense_sharding="fsdp2"``: the result is ``shard_dense``-ed, and each rank reads only its chunk of
     every dense tensor (FSDP2 is applied on the meta device, Transformers reads shards on read).
     """
