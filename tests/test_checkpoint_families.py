@@ -29,7 +29,14 @@ from transformers.integrations.mxfp4 import FP4_VALUES
 
 import hiermoe_hf
 from hiermoe_hf.checkpoint import load as load_module
-from hiermoe_hf.checkpoint.keys import ForwardConversion, check_complete, conversions, experts_to_hub, hub_layout
+from hiermoe_hf.checkpoint.keys import (
+    ForwardConversion,
+    check_complete,
+    conversions,
+    experts_to_hub,
+    hub_layout,
+    hub_views,
+)
 from hiermoe_hf.runtime.registry import moe_layers
 from hiermoe_hf.tiny_families import FAMILY, IMAGE_TEXT, available, build_family_model, model_class, tiny_family_config
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
@@ -272,3 +279,9 @@ def test_layout_is_transformers_own_for_every_family(kind):
         for g in range(num if tensors else 0):
             got = forward({t.key: plain[t.key] for t in tensors if t.expert == g})
             assert list(got) == [fused] and torch.equal(got[fused], state[fused][g : g + 1]), (fused, g)
+            slot = torch.zeros_like(state[fused][:1])  # or, where the reverse conversion only cuts views:
+            views = hub_views(conv, fused, slot)
+            for t in tensors if views is not None else []:
+                if t.expert == g:
+                    views[t.template].copy_(plain[t.key])
+            assert views is None or torch.equal(slot, state[fused][g : g + 1]), (fused, g)

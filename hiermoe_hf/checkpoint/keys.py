@@ -192,6 +192,28 @@ def experts_to_hub(conv, source: str, one_expert: torch.Tensor) -> dict[str, tor
     return _revert(conv, {source: one_expert})
 
 
+def hub_views(conv, source: str, slot: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Template name -> the part of ``slot`` (one expert's [1, ...] slice of ``source``, contiguous) that
+    the checkpoint tensor of that name is, when Transformers' reverse conversion only cuts ``slot``
+    into disjoint contiguous views covering it (split experts, chunked gate/up: Qwen, Mixtral, ...).
+    Then loading is copying each checkpoint tensor into its view, with no temporary beyond the read.
+    None when an op copies (a transpose, an interleave): load through ``ForwardConversion`` instead."""
+    views = experts_to_hub(conv, source, slot)
+    base = slot.untyped_storage().data_ptr()
+    spans = []
+    for t in views.values():
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != base:
+            return None
+        spans.append((t.storage_offset(), t.storage_offset() + t.numel()))
+    spans.sort()
+    at = slot.storage_offset()
+    for lo, hi in spans:
+        if lo != at:
+            return None
+        at = hi
+    return views if at == slot.storage_offset() + slot.numel() else None
+
+
 def check_complete(layout: list[HubTensor], experts: dict[str, int]) -> None:
     """Every expert of every fused parameter appears once per template (or the parameter is stacked)."""
     seen: dict[tuple[str, str], list[int]] = {}

@@ -32,7 +32,7 @@ from transformers.models.auto.auto_factory import _get_model_class
 
 from hiermoe_hf import patches
 from hiermoe_hf.checkpoint.hub import resolve_on_all_ranks
-from hiermoe_hf.checkpoint.keys import ForwardConversion, HubTensor, hub_layout
+from hiermoe_hf.checkpoint.keys import ForwardConversion, HubTensor, conversions, hub_layout, hub_views
 from hiermoe_hf.checkpoint.quantized import QuantizedFormat, take_quantization
 from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
@@ -256,17 +256,18 @@ def _stand_in(reader, fwd, fused: str, tensors: list[HubTensor], lo: int, count:
 
     Stacked on disk (one tensor, experts on dim 0): the checkpoint key itself, read rows
     [lo, lo + count) only; Transformers applies its own conversion (e.g. a transpose) to them.
-    Per-expert keys: the model's fused key, filled expert by expert through Transformers' forward
-    conversion (``keys.ForwardConversion``), so one expert's tensors at a time are in flight.
+    Per-expert keys: the model's fused key, filled expert by expert (``_LocalExperts``), so one
+    expert's tensors at a time are in flight.
     """
     if len(tensors) == 1 and tensors[0].expert is None:
         key = tensors[0].key
         return key, _LocalRows(reader.slice(key), lo, count)
-    by_expert: dict[int, list[str]] = {}
+    by_expert: dict[int, list[tuple[str, str]]] = {}
     for t in tensors:
-        by_expert.setdefault(t.expert, []).append(t.key)
-    fwd.mark(by_expert[lo])  # the converters are used, as in Transformers' own load (a plain save then reverts them)
-    return fused, _LocalExperts(reader, fwd, fused, (count, *full[1:]), [by_expert[g] for g in range(lo, lo + count)])
+        by_expert.setdefault(t.expert, []).append((t.key, t.template))
+    fwd.mark([key for key, _ in by_expert[lo]])  # used, as in Transformers' own load (a plain save reverts them)
+    slots = [by_expert[g] for g in range(lo, lo + count)]
+    return fused, _LocalExperts(reader, fwd, fused, (count, *full[1:]), slots)
 
 
 class _ShardReader:
@@ -315,30 +316,43 @@ class _LocalRows:
 class _LocalExperts:
     """Stands for one fused experts parameter in the weights handed to Transformers' loader.
 
-    Transformers materialises it with ``[...]``: that reads only this rank's experts (``keys[j]``:
-    the checkpoint keys of slot j's expert), converts each expert's tensors with Transformers' own
-    forward conversion into [1, ...], and fills [count, ...] slot by slot, so one expert's tensors at
-    a time are in flight.
+    Transformers materialises it with ``[...]``: that reads only this rank's experts (``slots[j]``:
+    the (checkpoint key, template name) pairs of slot j's expert) into [count, ...], slot by slot.
+    Where Transformers' reverse conversion cuts a slot into views (``keys.hub_views``), each
+    checkpoint tensor is read straight into its view, one tensor at a time in flight; otherwise the
+    expert's tensors go through Transformers' forward conversion (``keys.ForwardConversion``).
     """
 
-    def __init__(self, reader, fwd: ForwardConversion, fused: str, shape: tuple[int, ...], keys: list[list[str]]):
-        self.reader, self.fwd, self.fused, self.shape, self.keys = reader, fwd, fused, shape, keys
+    def __init__(self, reader, fwd: ForwardConversion, fused: str, shape: tuple[int, ...], slots: list):
+        self.reader, self.fwd, self.fused, self.shape, self.slots = reader, fwd, fused, shape, slots
 
     def __getitem__(self, index):
         if index is not Ellipsis:
             raise TypeError("the local experts stand-in is read whole, with [...]")
-        out = None
-        for slot, keys in enumerate(self.keys):
-            converted = self.fwd({key: self.reader.slice(key)[:] for key in keys})
+        conv = conversions(self.fwd.model)
+        first = self.reader.slice(self.slots[0][0][0])[:]  # its dtype is the buffer's (as Transformers would)
+        out = torch.empty(self.shape, dtype=first.dtype)
+
+        def read(key: str) -> torch.Tensor:
+            nonlocal first
+            if first is not None and key == self.slots[0][0][0]:
+                tensor, first = first, None
+                return tensor
+            return self.reader.slice(key)[:]
+
+        for slot, pairs in enumerate(self.slots):
+            views = hub_views(conv, self.fused, out[slot : slot + 1])
+            if views is not None:
+                for key, template in pairs:
+                    views[template].copy_(read(key))
+                continue
+            converted = self.fwd({key: read(key) for key, _ in pairs})
             if set(converted) != {self.fused}:
                 raise ValueError(
-                    f"Transformers' conversion of {keys} gives {sorted(converted)}, not {self.fused}; "
-                    "the checkpoint's expert keys do not match this model's layout"
+                    f"Transformers' conversion of {[k for k, _ in pairs]} gives {sorted(converted)}, not "
+                    f"{self.fused}; the checkpoint's expert keys do not match this model's layout"
                 )
-            one = converted[self.fused]
-            if out is None:
-                out = torch.empty(self.shape, dtype=one.dtype)
-            out[slot] = one[0]
+            out[slot] = converted[self.fused][0]
         return out
 
 
