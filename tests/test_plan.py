@@ -132,12 +132,13 @@ def test_planner_prices_as_auto_does(seed, monkeypatch):
 
 @pytest.mark.parametrize("family,moe_layers,inter,groups", [
     ("mixtral", 2, 64, (1, 1)), ("gpt_oss", 2, 16, (1, 1)), ("nemotron_h", 1, 16, (1, 1)),
-    ("deepseek_v3", 2, 16, (2, 1)),
+    ("deepseek_v3", 2, 16, (2, 1)), ("gemma4", 2, 16, (1, 1)), ("qwen3_vl_moe", 2, 16, (1, 1)),
 ])
 def test_any_family_config_through_the_cli(tmp_path, capsys, family, moe_layers, inter, groups):
     """A local config.json / folder of a family the planner has no table for: E, K, hidden, intermediate,
     MoE layers and routing groups are the tiny config's (hiermoe_hf.tiny_families: 8 experts, top-2,
-    hidden 32; Nemotron-H: one MoE layer of three; DeepSeek-V3: first layer dense, 2 groups, top-1 group)."""
+    hidden 32; Nemotron-H: one MoE layer of three; DeepSeek-V3: first layer dense, 2 groups, top-1 group;
+    Gemma 4 and Qwen3-VL-MoE: image-text configs, Gemma 4's experts on the decoder layer)."""
     from hiermoe_hf.tiny_families import tiny_family_config
 
     tiny_family_config(family).save_pretrained(tmp_path)

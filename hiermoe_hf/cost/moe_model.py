@@ -126,15 +126,18 @@ class MoeModel:
         )
 
 
+TOPK_NAMES = ("num_experts_per_tok", "top_k_experts", "moe_k")  # config names routers read k from
+
+
 def _topk(block: torch.nn.Module, config, name: str) -> int:
-    """Experts per token: the router's ``top_k`` (every experts-interface family's router keeps it),
-    else the config's ``num_experts_per_tok``."""
+    """Experts per token: the router module's ``top_k`` (most families' routers keep it), else the
+    config attribute the router reads (``num_experts_per_tok``; Gemma 4 ``top_k_experts``; ERNIE ``moe_k``)."""
     for module in block.modules():
         k = getattr(module, "top_k", None)
         if isinstance(k, int) and k > 0:
             return k
-    k = getattr(config, "num_experts_per_tok", None)
+    k = next((getattr(config, n) for n in TOPK_NAMES if getattr(config, n, None)), None)
     if not k:
         what = name or config.model_type
-        raise ValueError(f"config of {what!r}: cannot find top-k (no router top_k, no num_experts_per_tok)")
+        raise ValueError(f"config of {what!r}: cannot find top-k (no router top_k, none of {', '.join(TOPK_NAMES)})")
     return int(k)
