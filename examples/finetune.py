@@ -69,6 +69,16 @@ def log0(accelerator: Accelerator, msg: str) -> None:
         print(msg, flush=True)
 
 
+def _tokenizer_or_none(name: str):
+    """The checkpoint's tokenizer, or None when it has none: a folder without tokenizer files raises, or
+    (Transformers 5.24, e.g. OLMoE) yields an empty tokenizer of the family's class that encodes nothing."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        return None
+    return tokenizer if tokenizer("hello world")["input_ids"] else None
+
+
 def load_model_and_tokenizer(args, plugin: HierMoEPlugin, accelerator: Accelerator):
     """The default tiny model, or --model through hiermoe_hf.from_pretrained (only this rank's experts)."""
     if args.model is None:
@@ -80,10 +90,9 @@ def load_model_and_tokenizer(args, plugin: HierMoEPlugin, accelerator: Accelerat
     except (OSError, ValueError) as err:  # missing folder, malformed name, or a Hub name with no network
         raise SystemExit(f"finetune: cannot load --model {args.model!r}: {err}\n"
                          "Without network access pass a local folder (a save_pretrained checkpoint).") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        if model.config.vocab_size < 256:
+    tokenizer = _tokenizer_or_none(args.model)
+    if tokenizer is None:
+        if model.config.get_text_config().vocab_size < 256:  # an image-text config keeps it in text_config
             raise SystemExit(f"finetune: {args.model!r} has no tokenizer, and too few ids for bytes") from None
         log0(accelerator, f"finetune: {args.model!r} has no tokenizer; using the byte-level one")
         tokenizer = byte_tokenizer()

@@ -34,6 +34,10 @@ class HierMoEConfig:
         overlap_chunks: split each MoE layer's tokens into this many chunks and pipeline them, so
             one chunk's exchange is in flight while another's experts run (and DeepSeek-V3's shared
             experts run while the routed tokens travel); 1 = no overlap.
+        collective_timeout_s: seconds a rank waits in the package's own collectives (the layer's
+            count exchange, the collective save, the resume checks) for the other ranks before it
+            raises an error naming the likely cause (a forward or save called on some ranks only);
+            None = ``HIERMOE_COLLECTIVE_TIMEOUT``, else 600 (``exchange/bounded.py``).
     """
 
     topology: str | Sequence[int] | None = None
@@ -45,6 +49,7 @@ class HierMoEConfig:
     swap_pairs: int = 1
     overlap_chunks: int = 1
     ep_size: int | None = None
+    collective_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dispatch, str) or not _DISPATCH_RE.match(self.dispatch):
@@ -72,6 +77,10 @@ class HierMoEConfig:
             raise ValueError(
                 f"overlap_chunks must be an integer from 1 (no overlap) to 64, got {self.overlap_chunks!r}"
             )
+        if self.collective_timeout_s is not None:
+            from hiermoe_hf.exchange.bounded import parse_timeout
+
+            parse_timeout("collective_timeout_s", self.collective_timeout_s)
         if self.cost_model is not None and not isinstance(self.cost_model, (str, os.PathLike)):
             raise ValueError(f"cost_model must be a path to a calibration JSON or None, got {self.cost_model!r}")
         if self.topology is not None:

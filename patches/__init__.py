@@ -85,12 +85,15 @@ def _param_names(experts: nn.Module, name: str, config) -> tuple[str, ...]:
 
 
 def _site(model: nn.Module, name: str, experts: nn.Module) -> ExpertsSite:
+    """E is the module's ``num_experts`` (the interface's own count, which Transformers' experts
+    implementations use), else the parameters' leading dimension. The parameters may hold fewer rows
+    (a loader that read only this rank's experts); all of them the same number."""
     config = getattr(model, "config", None)
     names = _param_names(experts, name, config)
-    E = direct_param(experts, names[0]).shape[0]
-    for p in names:
-        if direct_param(experts, p).shape[0] != E:
-            raise ValueError(f"{name}.{p} has {direct_param(experts, p).shape[0]} rows in its expert dimension, {names[0]} has {E}")
+    rows = {p: direct_param(experts, p).shape[0] for p in names}
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"{name}: its per-expert parameters have different expert dimensions {rows}")
+    E = int(getattr(experts, "num_experts", None) or rows[names[0]])
     return ExpertsSite(name, name.rpartition(".")[0], names, E)
 
 

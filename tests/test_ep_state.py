@@ -117,7 +117,7 @@ def resume_job(kind: str, folder: str) -> dict:
     store.save(folder)
     if dist.get_rank() == 0:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, os.path.join(folder, "rank0.pt"))
-    dist.barrier()
+    store.seal(folder)  # the manifest, last (issue 19): a resume folder without one is refused
     losses += [_step(model, opt, s) for s in (2, 3)]
     hiermoe_hf.unpatch(model)
     straight = {n: p.detach().clone() for n, p in model.named_parameters()}

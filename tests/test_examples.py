@@ -116,3 +116,25 @@ def test_finetune_with_fsdp2_checkpointing_and_bf16_on_2_processes(tmp_path):
     hidden = qwen3_30b_a3b_mini_config().hidden_size
     assert summary["bytes_per_row"] == [hidden * 2]  # bf16 rows on the wire
     _assert_trained_checkpoint(str(out))
+
+
+def test_finetune_takes_another_family_from_a_local_folder(tmp_path):
+    """``--model`` is any MoE family (issue 17): a plain Transformers save of a tiny OLMoE (no tokenizer
+    files: Transformers 5.24 then hands back an empty tokenizer, which must not be used) fine-tunes on
+    2 processes through ``hiermoe_hf.from_pretrained``, and its checkpoint reloads in plain Transformers."""
+    from hiermoe_hf.tiny_families import build_family_model, tiny_family_config
+
+    folder, out = tmp_path / "olmoe", tmp_path / "out"
+    build_family_model(tiny_family_config("olmoe"), seed=1).save_pretrained(folder)
+    cmd = [os.path.join(VENV_BIN, "accelerate"), "launch", "--config_file",
+           "examples/accelerate_configs/cpu_4proc.yaml", "--num_processes", "2",
+           "examples/finetune.py", "--model", str(folder), "--max-steps", "2", "--output-dir", str(out),
+           "--topology", "2x1"]
+    proc = _run(cmd, _env(tmp_path))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "has no tokenizer; using the byte-level one" in log
+    summary = json.loads((out / "hiermoe_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["model"] == str(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(reloaded).__name__ == "OlmoeForCausalLM"

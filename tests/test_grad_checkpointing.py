@@ -39,11 +39,13 @@ def _step(model, ids) -> tuple[torch.Tensor, dict, list]:
     return loss.detach(), counts, routing
 
 
-def _rank_case(kind, reentrant, before_patch, topology, fsdp2=False):
+def _rank_case(kind, reentrant, before_patch, topology, fsdp2=False, chunks=1):
     W, r = dist.get_world_size(), dist.get_rank()
     config = CONFIGS[kind]()
     ids = torch.randint(0, 256, (2, T // 2), generator=torch.Generator().manual_seed(100 + r))
-    cfg = hiermoe_hf.HierMoEConfig(topology=topology, dispatch="hd2" if "x" in topology else "hd1", swap_interval=1)
+    cfg = hiermoe_hf.HierMoEConfig(
+        topology=topology, dispatch="hd2" if "x" in topology else "hd1", swap_interval=1, overlap_chunks=chunks
+    )
 
     kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
     # The unpatched model, same checkpointing, on this rank's batch; grads averaged. (Same checkpointing:
@@ -100,6 +102,13 @@ def test_recompute_counted_once_2x2(ranks, kind):
 def test_recompute_with_fsdp2(ranks, kind, reentrant):
     """The same with the dense part sharded by FSDP2 (hiermoe_hf.shard_dense)."""
     _check(ranks(2).run(_rank_case, kind, reentrant, False, "2x1", fsdp2=True), kind)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_recompute_counted_with_overlap_chunks(ranks, reentrant):
+    """overlap_chunks > 1 (the pipelined path): the recompute's exchange is counted too (issue 19 item 7;
+    before, a non-reentrant recompute stopped early inside the pipeline left every recompute_* at 0)."""
+    _check(ranks(2).run(_rank_case, "deepseek_v3", reentrant, False, "2x1", chunks=2), "deepseek_v3")
 
 
 def _check(results, kind):

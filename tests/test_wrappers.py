@@ -91,6 +91,15 @@ def refusal_job():
         hiermoe_hf.patch(DistributedDataParallel(model))
     except ValueError as err:
         out["ddp_first"] = str(err)
+    # issue 19 item 6: the model inside a live DDP, reached as ddp.module or through torch.compile(DDP(model))
+    for name, wrap in (("ddp_module", lambda d: d.module), ("compiled_ddp", torch.compile)):
+        ddp = DistributedDataParallel(build_model(tiny_qwen3_moe_config()))
+        try:
+            hiermoe_hf.patch(wrap(ddp), hiermoe_hf.HierMoEConfig(topology=[1, W], dispatch="a2a"))
+            out[name] = "accepted"
+        except ValueError as err:
+            out[name] = str(err)
+        del ddp
     # a custom router that returns an id outside [0, E) on every rank
     model = build_model(tiny_qwen3_moe_config())
     hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology=[1, W], dispatch="a2a"))
@@ -115,7 +124,8 @@ def refusal_job():
 
 def test_wrong_wrapper_and_bad_expert_ids_raise(ranks):
     for out in ranks(2).run(refusal_job):
-        assert "patch(model) first and wrap the patched model afterwards" in out.get("ddp_first", "")
+        for key in ("ddp_first", "ddp_module", "compiled_ddp"):
+            assert "patch(model) first and wrap the patched model afterwards" in out.get(key, ""), (key, out)
         for bad in (-1, 8):
             assert "expert id outside [0, 8)" in out.get(f"id{bad}", ""), out
 

@@ -27,10 +27,14 @@ def _is_weights_file(name: str) -> bool:
 
 
 def publish(partial: str, target: str) -> None:
-    """Make the finished folder ``partial`` appear at ``target`` in one step (the old one stays until then)."""
-    if not os.path.lexists(target):
-        os.rename(partial, target)
-        return
+    """Make the finished folder ``partial`` appear at ``target`` in one step (the old one stays until then),
+    with the old folder's files that are not weights carried over."""
+    if os.path.lexists(target):
+        _carry_over(target, partial)
+    swap_in(partial, target)
+
+
+def _carry_over(target: str, partial: str) -> None:
     for name in os.listdir(target):  # keep what a plain save would keep (tokenizer files, README, ...)
         src, dst = os.path.join(target, name), os.path.join(partial, name)
         if os.path.lexists(dst) or _is_weights_file(name):
@@ -39,6 +43,14 @@ def publish(partial: str, target: str) -> None:
             shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(src, dst)
+
+
+def swap_in(partial: str, target: str) -> None:
+    """Replace ``target`` by the finished folder ``partial`` in one step, carrying nothing over (a resume
+    folder holds one save: files of an older one must not survive beside it)."""
+    if not os.path.lexists(target):
+        os.rename(partial, target)
+        return
     if _exchange(partial, target):
         shutil.rmtree(partial)  # now holds the old checkpoint
         return

@@ -10,6 +10,12 @@ the optimizer substitute these entries into whatever state dict is being loaded,
 own loading code does the rest unchanged. The Trainer loads its checkpoint before any hook could
 stage anything, so ``restore_now`` applies a file to the live model and optimizer instead.
 
+Every save has an id that each file carries with its rank and layout, and ``seal`` writes the
+folder's manifest last (``checkpoint/manifest.py``); ``begin_load`` reads nothing before the manifest,
+the layout, every file's checksum and the file's identity check out on every rank at once. With
+``dispatch="auto"`` timing its candidates, the timed choice travels in the files too, so a resume runs
+the strategy the interrupted run chose instead of timing again.
+
 The files hold only tensors, numbers, strings, lists and dicts (the swap log as JSON text) and are
 read with ``torch.load(weights_only=True)``: a resume folder copied from elsewhere cannot run code.
 Files of format 1 (pickled swap records) are read only by ``convert_pickled``, an explicit opt-in
@@ -21,14 +27,19 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import uuid
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from hiermoe_hf.checkpoint import manifest
+from hiermoe_hf.checkpoint.manifest import SaveIdentity
 from hiermoe_hf.runtime.guards import check_optimizer_holds_experts
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
 FORMAT = 2
+# Every field a rank file must hold (a file without one is refused naming it, not a KeyError).
+REQUIRED = ("format", "save_id", "rank", "world_size", "ep_size", "topology", "layers", "optimizer", "extra")
 
 
 def rank_file(directory: str | os.PathLike, rank: int, world_size: int) -> str:
@@ -52,6 +63,7 @@ class RankStateStore:
         self._pending_optimizer: dict[int, dict] | None = None
         self._pending_dense: dict[str, torch.Tensor] | None = None
         self._pending_dense_optimizer: dict[str, dict] | None = None
+        self._saved: tuple[SaveIdentity, str] | None = None  # the last save's identity and file, for seal()
         self._handles = []
         if self._dense_shards():
             self._handles.append(model.register_load_state_dict_pre_hook(self._dense_pre_hook))
@@ -75,8 +87,15 @@ class RankStateStore:
                 where[id(getattr(experts, name))] = (layer.name, name)
         return {i: where[id(p)] for i, p in enumerate(_flat_params(self.optimizer)) if id(p) in where}
 
-    def save(self, directory: str | os.PathLike, extra: dict | None = None) -> str:
+    def identity(self, save_id: str) -> SaveIdentity:
         rt = self.runtime
+        return SaveIdentity(save_id, rt.global_world_size, rt.world_size, tuple(rt.topology.levels))
+
+    def save(self, directory: str | os.PathLike, extra: dict | None = None, save_id: str | None = None) -> str:
+        """Write this rank's file of a new save; ``save_id``: the save's id, the same on every rank (None:
+        made now, collective). Call ``seal`` once every other file of the save is written too."""
+        rt = self.runtime
+        identity = self.identity(save_id or manifest.new_save_id(rt.collective_timeout_s))
         layers = {}
         for name, (experts, layer) in moe_layers(self.model).items():
             layers[name] = {
@@ -101,6 +120,8 @@ class RankStateStore:
             }
         payload = {
             "format": FORMAT,
+            "save_id": identity.save_id,
+            "trials": rt.trials.state_text() if rt.trials is not None else "",  # auto's timed choice
             "dense": {n: p.detach().to_local().cpu().clone() for n, p in dense.items()},
             "dense_optimizer": dense_optimizer,
             "rank": rt.global_rank,  # files are per global rank: replicas hold their own routing windows
@@ -116,7 +137,16 @@ class RankStateStore:
         tmp = f"{path}.tmp"
         torch.save(payload, tmp)
         os.replace(tmp, path)  # a crash mid-write leaves no half file under the real name
+        self._saved = (identity, path)
         return path
+
+    def seal(self, directory: str | os.PathLike) -> None:
+        """Write the manifest of the save that ``save`` began in ``directory`` (``checkpoint/manifest.py``):
+        last, once every file of it is written. Collective."""
+        if self._saved is None or os.path.realpath(os.path.dirname(self._saved[1])) != os.path.realpath(directory):
+            raise RuntimeError(f"seal({directory!r}) without a save into that folder on this rank")
+        identity, path = self._saved
+        manifest.write(os.fspath(directory), identity, path)
 
     # ---- loading ---------------------------------------------------------------------------------------------
 
@@ -126,27 +156,7 @@ class RankStateStore:
         Returns the ``extra`` dict given to ``save``."""
         rt = self.runtime
         path = rank_file(directory, rt.global_rank, rt.global_world_size)
-        if not os.path.exists(path):
-            found = sorted(f for f in os.listdir(directory) if f.startswith("hiermoe_rank")) if os.path.isdir(
-                directory
-            ) else []
-            raise ValueError(
-                f"{path} is missing: this checkpoint was not saved by {rt.global_world_size} expert-parallel ranks "
-                f"with HierMoEPlugin (found: {', '.join(found) or 'no hiermoe_rank* files'}); resume with the "
-                "world size it was saved with"
-            )
-        payload = read_rank_file(path)
-        saved_ep = payload.get("ep_size", payload["world_size"])  # files before ep_size: one group = the world
-        if saved_ep != rt.world_size:
-            raise ValueError(
-                f"{path} was saved with ep_size={saved_ep} (expert-parallel groups of {saved_ep} ranks) but this run "
-                f"uses ep_size={rt.world_size}: expert slices and placements differ; resume with ep_size={saved_ep}"
-            )
-        if payload["topology"] != list(rt.topology.levels):
-            raise ValueError(
-                f"{path} was saved with topology {'x'.join(map(str, payload['topology']))}; this run uses "
-                f"{rt.topology}: resume with the same topology"
-            )
+        payload = self._verified(os.fspath(directory), path)
         layers = moe_layers(self.model)
         if set(payload["layers"]) != set(layers):
             raise ValueError(
@@ -171,7 +181,28 @@ class RankStateStore:
             )
         self._pending_dense = payload.get("dense") or None
         self._pending_dense_optimizer = payload.get("dense_optimizer") if self.optimizer is not None else None
+        if rt.trials is not None and payload.get("trials"):
+            rt.trials.load_state_text(payload["trials"])
         return payload["extra"]
+
+    def _verified(self, directory: str, path: str) -> dict:
+        """This rank's file, read only once the folder's manifest, the layout, every file's size and
+        checksum (this rank's share) and the file's own identity all hold on every rank (one collective
+        agrees; on any problem every rank raises the same error naming the files)."""
+        rt = self.runtime
+        body = manifest.read(directory)
+        problems = [body] if isinstance(body, str) else manifest.layout_problems(body, self.identity(""))
+        if not problems:
+            problems = manifest.file_problems(directory, body, path)
+        payload = None
+        if not problems:
+            try:
+                payload = read_rank_file(path)
+                problems = _identity_problems(path, payload, self.identity(body["save_id"]), rt.global_rank)
+            except ValueError as err:
+                problems = [str(err)]
+        manifest.agree(problems, rt.collective_timeout_s)
+        return payload
 
     def restore_now(self, directory: str | os.PathLike) -> dict:
         """``begin_load`` and apply it at once: this rank's expert slices into the model, their
@@ -247,6 +278,13 @@ def read_rank_file(path: str) -> dict:
     """A format-2 rank file, read without unpickling code (``weights_only=True``)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except RuntimeError as err:  # torch's zip reader: a truncated or otherwise corrupt file
+        raise ValueError(
+            f"{path} cannot be read as a HierMoE rank file: it is truncated or corrupt ({str(err).splitlines()[0]}); "
+            "resume from another checkpoint"
+        ) from None
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"{path} holds objects beyond tensors and plain data (an older, pickled HierMoE rank file, or a file "
@@ -257,29 +295,54 @@ def read_rank_file(path: str) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} has format {found!r}; this version reads format {FORMAT}")
+    lacking = [k for k in REQUIRED if k not in payload]
+    if lacking:
+        raise ValueError(
+            f"{path} lacks the fields {', '.join(lacking)} that every rank file holds: it is corrupt or was not "
+            "written by hiermoe_hf; resume from another checkpoint"
+        )
     return payload
 
 
+def _identity_problems(path: str, payload: dict, want: SaveIdentity, rank: int) -> list[str]:
+    """How a rank file's own identity (save, rank, world, ep_size, topology) differs from what this rank
+    needs: the save of the folder's manifest, made for this rank in this layout."""
+    got = {"save_id": payload["save_id"], "rank": payload["rank"], "world_size": payload["world_size"],
+           "ep_size": payload["ep_size"], "topology": list(payload["topology"])}
+    need = {**want.fields(), "rank": rank}
+    return [f"{path} holds {k}={got[k]!r} where this rank needs {need[k]!r} (the manifest's save and this "
+            "rank's slot): the file belongs to another save or another rank" for k in got if got[k] != need[k]]
+
+
 def convert_pickled(directory: str | os.PathLike) -> list[str]:
-    """Rewrite the format-1 (pickled) rank files in ``directory`` as format 2. This unpickles them
-    (``weights_only=False``), which can run code: call it only on a folder you trust."""
-    done = []
+    """Make a complete rank-file folder written by an older hiermoe_hf loadable: rewrite format-1
+    (pickled) rank files as format 2, stamp every rank file with one new save id and write the
+    folder's manifest (``checkpoint/manifest.py``), taking every file in it as part of the save.
+
+    This unpickles format-1 files (``weights_only=False``), which can run code, and vouches for the
+    folder being one complete save: call it, in one process, only on a folder you trust."""
+    done, identity, save_id = [], None, uuid.uuid4().hex
     for fname in sorted(os.listdir(directory)):
         if not (fname.startswith("hiermoe_rank") and fname.endswith(".pt")):
             continue
         path = os.path.join(directory, fname)
         old = torch.load(path, map_location="cpu", weights_only=False)  # the explicit opt-in
-        if old.get("format") != 1:
+        if old.get("format") == 1:
+            for saved in old["layers"].values():
+                saved["swaps"] = json.dumps(list(saved["swaps"]))
+            optimizer: dict[str, dict] = {}
+            for (lname, pname), state in old["optimizer"].items():
+                optimizer.setdefault(lname, {})[pname] = state
+            old = {**old, "format": FORMAT, "optimizer": optimizer}
+        elif old.get("format") != FORMAT:
             continue
-        for saved in old["layers"].values():
-            saved["swaps"] = json.dumps(list(saved["swaps"]))
-        optimizer: dict[str, dict] = {}
-        for (lname, pname), state in old["optimizer"].items():
-            optimizer.setdefault(lname, {})[pname] = state
-        new = {**old, "format": FORMAT, "optimizer": optimizer}
+        new = {"extra": {}, **old, "save_id": save_id, "ep_size": old.get("ep_size", old["world_size"])}
         torch.save(new, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
+        identity = SaveIdentity(save_id, new["world_size"], new["ep_size"], tuple(new["topology"]))
         done.append(path)
+    if identity is not None:
+        manifest.write_trusted(os.fspath(directory), identity)
     return done
 
 

@@ -33,6 +33,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from hiermoe_hf.checkpoint import safetensors_layout
 from hiermoe_hf.checkpoint.atomic_folder import partial_folder, publish
 from hiermoe_hf.checkpoint.keys import check_complete, conversions, experts_to_hub, hub_layout
+from hiermoe_hf.exchange import bounded
 from hiermoe_hf.runtime.registry import LAYER_ATTR, moe_layers, runtime_of
 
 GATHER_BYTES = 64 * 2**20  # bytes moved to rank 0 per round; bounds rank 0's extra memory during a save
@@ -124,7 +125,7 @@ def save_pretrained(
         max_shard_size=max_shard_size,
     )
     files = {name: _data_order([entries[k] for k in keys]) for name, keys in split.filename_to_tensors.items()}
-    _check_same_plan(files, world)
+    _check_same_plan(files, world, runtime.collective_timeout_s)
 
     error = None
     partial = partial_folder(target)
@@ -207,8 +208,9 @@ def _data_order(entries: list[Entry]) -> list[tuple[Entry, str]]:
     return [(by_key[k], dtype) for k, dtype in safetensors_layout.data_order({e.key: e.dtype for e in entries})]
 
 
-def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int) -> None:
-    """Every rank must walk the same files and pieces, or the exchange would hang; check it once."""
+def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int, timeout_s: float) -> None:
+    """Every rank must walk the same files and pieces, or the exchange would hang; check it once. The
+    save's first collective: it waits at most ``timeout_s`` for ranks that never called the save."""
     if world == 1:
         return
     digest = hashlib.sha256()
@@ -216,9 +218,11 @@ def _check_same_plan(files: dict[str, list[tuple[Entry, str]]], world: int) -> N
         digest.update(name.encode())
         for entry, _ in ordered:
             digest.update(repr((entry.key, entry.shape, [(p.owner, p.nbytes) for p in entry.pieces])).encode())
-    seen = [None] * world
-    dist.all_gather_object(seen, digest.hexdigest())
-    if len(set(seen)) != 1:
+    mine = torch.tensor(list(digest.digest()), dtype=torch.int64, device=_comm_device())
+    seen = [torch.empty_like(mine) for _ in range(world)]
+    work = dist.all_gather(seen, mine, async_op=True)
+    bounded.wait(work, timeout_s, "save_pretrained (a collective save: every rank calls it, rank 0 writes)")
+    if not all(torch.equal(s, mine) for s in seen):
         raise ValueError("ranks disagree on the checkpoint layout (different models or placements on different ranks)")
 
 

@@ -31,6 +31,7 @@ Shapes: C candidates.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -120,6 +121,33 @@ class StrategyTrials:
             out[name] = min(out.get(name, float("inf")), us / self.world_size / 1e3)
         return out
 
+    def state_text(self) -> str:
+        """This object's state as JSON text, for the resume files (``checkpoint/rank_state.py``): a resume
+        keeps the strategy chosen (or the trials so far) instead of timing again and maybe choosing another."""
+        pending = None
+        if self.pending is not None:
+            key, elapsed = self.pending
+            pending = [list(key) if key is not None else None, None if elapsed is None else elapsed.ms()]
+        return json.dumps({
+            "candidates": list(self.candidates), "forwards": self.forwards, "current": self.current,
+            "timed_us": [[n, r, us] for (n, r), us in self.timed_us.items()], "chosen": self.chosen,
+            "pending": pending,
+        })
+
+    def load_state_text(self, text: str) -> None:
+        """Restore what ``state_text`` wrote (the same candidates, else ValueError)."""
+        saved = json.loads(text)
+        if tuple(saved["candidates"]) != self.candidates:
+            raise ValueError(f"the checkpoint timed {saved['candidates']}, but this run's candidates are {self.candidates}")
+        self.forwards = dict(saved["forwards"])
+        self.current = dict(saved["current"])
+        self.timed_us = {(n, r): us for n, r, us in saved["timed_us"]}
+        self.chosen = saved["chosen"]
+        key, ms = saved["pending"] if saved["pending"] is not None else (None, None)
+        self.pending = None if saved["pending"] is None else (
+            tuple(key) if key is not None else None, None if ms is None else MeasuredMs(ms)
+        )
+
     def source(self) -> str:
         """Where the choice comes from, for ``stats``' ``cost_model``."""
         if len(self.candidates) == 1:
@@ -129,6 +157,16 @@ class StrategyTrials:
         if self.chosen is None:
             return f"{what} ({rounds}; in progress)"
         return f"{what} ({rounds}): {self.chosen}"
+
+
+@dataclass(frozen=True)
+class MeasuredMs:
+    """A restored forward's time, read like ``runtime.state.Elapsed`` (``ms()``)."""
+
+    value: float
+
+    def ms(self) -> float:
+        return self.value
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_hf.cost.pricing import forward_exchange_seconds
+from hiermoe_hf.exchange import bounded
+from hiermoe_hf.exchange.bounded import DEFAULT_TIMEOUT_S
 from hiermoe_hf.exchange.stage_rows import count_cells, stage_cells
 from hiermoe_hf.topology import Stage, Topology
 
@@ -170,6 +172,7 @@ def exchange_chunk_counts(
     choice,
     dest_chunks: list[torch.Tensor],
     row_bytes: int = 0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[LayerCounts]:
     """``exchange_counts`` for a layer whose tokens travel in chunks (``overlap_chunks``): every
     chunk's split sizes still come from one collective and one host read; a priced choice prices the
@@ -178,7 +181,8 @@ def exchange_chunk_counts(
     choice: ``Fixed``, ``Priced`` or ``cost.trials.LayerTrial``: which strategies to count
     (``counting``), this rank's extra int64 slots summed with the counts (``extra``: a trial's
     timing), the device-side choice (``head``) and the strategy from what the host read
-    (``pick``).
+    (``pick``). ``timeout_s``: how long to wait for the other ranks' counts (``exchange/bounded.py``)
+    before raising: the wait blocks no longer than the host read that follows it would.
     """
     candidates = choice.counting
     C, W = len(dest_chunks), topology.world_size
@@ -188,7 +192,8 @@ def exchange_chunk_counts(
     load_CW = flat_CN[:, :W].clone()
     flat = torch.cat([extra_X, flat_CN.reshape(-1)])
     if group is not None:
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        bounded.wait(work, timeout_s, "a MoE layer's forward (its count exchange)")
     flat_CN = flat[X:].view(C, -1)
     head, predicted = choice.head(topology, flat_CN, row_bytes)
     if head is None:

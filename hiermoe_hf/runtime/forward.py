@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -104,6 +104,9 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
             rows.append(counts_e.sum())
             return y_RH
 
+        # Recorded before the pipeline, from the split sizes it will use: a non-reentrant checkpoint
+        # recompute is stopped early (torch's early stop) inside the pipeline, and its traffic must count.
+        layer.last = record(planned_handle(chunk_counts), ((t0, t0),))
         out_TH, handle, side_out = pipelined_layer(x_TH, phys_TK, topk_w_TK, plan, ops, chunk_counts, experts_fn, side)
         out_TH = out_TH.to(hidden_TH.dtype)
         layer.last = record(handle, ((t0, Elapsed.mark(hidden_TH)),), torch.stack(rows).sum())  # experts included
@@ -115,6 +118,29 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
         if out_TH.requires_grad:  # its backward is one more pass, counted when (and each time) it runs
             out_TH.register_hook(layer.routing.count_pass)
     return out_TH, side_out
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage's split sizes summed over the chunks, as ``dispatcher.stage_stats`` reads a record."""
+
+    stage: object
+    send: list[int]
+    recv: list[int]
+
+
+@dataclass(frozen=True)
+class PlannedHandle:
+    records: tuple[PlannedStage, ...]
+
+
+def planned_handle(chunk_counts: list[LayerCounts]) -> PlannedHandle:
+    """What the pipeline's handle will report (every stage's splits summed over chunks), from the counts."""
+    stages = zip(*[cc.splits for cc in chunk_counts])
+    return PlannedHandle(tuple(
+        PlannedStage(ss[0].stage, [sum(v) for v in zip(*[s.send for s in ss])], [sum(v) for v in zip(*[s.recv for s in ss])])
+        for ss in stages
+    ))
 
 
 def _compute_dtype(hidden_TH: torch.Tensor) -> torch.dtype:
@@ -143,5 +169,6 @@ def _count(
         choice = Priced(tuple(rt.topology.strategies()), rt.cost_model)
     row_bytes = x_TH.shape[1] * x_TH.element_size()
     return exchange_chunk_counts(
-        rt.topology, whole_group(rt.topology, rt.groups), rt.rank, choice, list(dest_chunks), row_bytes
+        rt.topology, whole_group(rt.topology, rt.groups), rt.rank, choice, list(dest_chunks), row_bytes,
+        rt.collective_timeout_s,
     )

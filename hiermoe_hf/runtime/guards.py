@@ -5,6 +5,7 @@ slices. Each check names the problem and the way out (DESIGN.md section 6)."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import weakref
 
@@ -40,11 +41,46 @@ def refuse_wrappers(model: torch.nn.Module) -> None:
                 "expert slices included, so ranks would mix different experts. Patch the bare model and "
                 "wrap it in DistributedDataParallel, or shard the dense part with hiermoe_hf.shard_dense"
             )
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    chain = wrapper_chain(model)
+    if any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in chain) or inside_ddp(chain[-1]):
         raise ValueError(
-            "the model is already wrapped in DistributedDataParallel, which would average different ranks' "
-            "expert slices; call hiermoe_hf.patch(model) first and wrap the patched model afterwards"
+            "the model is already wrapped in DistributedDataParallel (directly, as ddp.module, or inside "
+            "torch.compile(DDP(model))), which has registered the full experts and would average different "
+            "ranks' expert slices; call hiermoe_hf.patch(model) first and wrap the patched model afterwards"
         )
+
+
+def wrapper_chain(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model`` and what it wraps, through ``torch.compile`` (``_orig_mod``) and DDP (``.module``), read
+    without Accelerate's unwrap (which, keeping the compile wrapper, re-points it past a DDP inside)."""
+    chain = [model]
+    while True:
+        m = chain[-1]
+        inner = m.__dict__.get("_orig_mod") or m._modules.get("_orig_mod")
+        if inner is None and isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            inner = m.module
+        if inner is None:
+            return chain
+        chain.append(inner)
+
+
+def inside_ddp(module: torch.nn.Module) -> bool:
+    """Whether a live ``DistributedDataParallel`` wraps ``module`` (``patch(ddp.module)``, or
+    ``torch.compile(DDP(model))`` unwrapped to the model). DDP leaves no mark on the module it wraps, and
+    its reducer keeps averaging the module's gradients as long as it lives, so the live objects are
+    searched (once per ``patch``; a wrapper already dropped is collected first so it is not mistaken)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False  # no process group: no DDP can exist
+
+    def found() -> bool:
+        return any(isinstance(o, ddp) and o.__dict__.get("_modules", {}).get("module") is module
+                   for o in gc.get_objects())
+
+    if not found():
+        return False
+    gc.collect()
+    return found()
 
 
 def patch_target(model: torch.nn.Module) -> torch.nn.Module:

@@ -13,6 +13,7 @@ from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.cost.calibration import PATCH_CALIBRATION, calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
 from hiermoe_hf.cost.trials import StrategyTrials, trial_candidates
+from hiermoe_hf.exchange.bounded import resolve_timeout
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
 from hiermoe_hf.runtime import generate, guards, registry
@@ -73,10 +74,11 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
     groups = StageGroups(topology, rank, layout.replica, layout.replicas) if world_size > 1 else None
     runtime = Runtime(
         config, topology, rank, groups, _family(model), _cost_model(config, topology, groups), layout,
-        ep_group, replica_group, _trials(config, topology),
+        ep_group, replica_group, _trials(config, topology), resolve_timeout(config.collective_timeout_s),
     )
     for site, experts in sites:
         guards.refuse_adapted_experts(experts, site.block_name)
+        _check_rows(site, experts, num_experts // world_size if experts_are_local else num_experts)
         layer = LayerState(site.block_name, runtime, Placement.contiguous(num_experts, world_size), site.param_names)
         if world_size > 1 and not experts_are_local:
             _shard(experts, layer.param_names, layer.local_logical())
@@ -144,6 +146,16 @@ def _cost_model(config: HierMoEConfig, topology: Topology, groups: StageGroups |
     if config.cost_model == PATCH_CALIBRATION:
         return calibrate_at_patch(topology, groups) if groups is not None else load_cost_model(None, topology)
     return load_cost_model(config.cost_model, topology)
+
+
+def _check_rows(site, experts: torch.nn.Module, rows: int) -> None:
+    """ValueError unless every per-expert parameter holds ``rows`` experts (E, or E/ep_size when loaded local)."""
+    got = {p: getattr(experts, p).shape[0] for p in site.param_names}
+    if set(got.values()) != {rows}:
+        raise ValueError(
+            f"{site.name}: per-expert parameters hold {got} experts, expected {rows} "
+            f"(the experts module says num_experts={site.num_experts})"
+        )
 
 
 def _family(model: torch.nn.Module) -> str:

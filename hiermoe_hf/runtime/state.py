@@ -10,6 +10,7 @@ import torch
 
 from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.cost.trials import StrategyTrials
+from hiermoe_hf.exchange.bounded import DEFAULT_TIMEOUT_S
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
 from hiermoe_hf.runtime.ep_layout import EPLayout
@@ -37,6 +38,7 @@ class Runtime:
     ep_group: object = None  # process group of this rank's expert-parallel group (None: one rank)
     replica_group: object = None  # process group of the ranks holding the same experts (None: no replicas)
     trials: StrategyTrials | None = None  # dispatch="auto" without a cost model: the timed choice
+    collective_timeout_s: float = DEFAULT_TIMEOUT_S  # config's collective_timeout_s, resolved once at patch
 
     @property
     def world_size(self) -> int:

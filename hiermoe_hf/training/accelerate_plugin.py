@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
@@ -31,8 +32,10 @@ import torch.distributed as dist
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
+from hiermoe_hf.checkpoint.manifest import new_save_id
 from hiermoe_hf.checkpoint.rank_state import RankStateStore
 from hiermoe_hf.config import HierMoEConfig
+from hiermoe_hf.exchange.bounded import TIMEOUT_ENV, parse_timeout
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.patch import patch
 from hiermoe_hf.runtime.registry import is_patched, runtime_of
@@ -42,10 +45,12 @@ from hiermoe_hf.training.ddp import divide_expert_grads_by_world, expert_paramet
 from hiermoe_hf.training.expert_dp import ExpertGradSync
 from hiermoe_hf.training.fsdp import dense_sharding_from_env, is_sharded, shard_dense_repointing
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
+from hiermoe_hf.training.safe_save import crash_safe_save_state
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter
 
 ENV_PREFIX = "HIERMOE_"
+_ENV_NAMES = {"collective_timeout_s": TIMEOUT_ENV}  # fields whose variable is not HIERMOE_<FIELD>
 _INT_FIELDS = ("swap_interval", "swap_pairs", "overlap_chunks", "ep_size")
 # DDP-style launches: one full replica of the dense model per process, gradients averaged by DDP.
 _SUPPORTED = tuple(
@@ -86,6 +91,9 @@ class HierMoEPlugin:
     dense_sharding: str | None = field(
         default=None, metadata=_help("'ddp' (dense part replicated, default) or 'fsdp2' (hiermoe_hf.shard_dense)")
     )
+    collective_timeout_s: float | None = field(
+        default=None, metadata=_help("seconds a rank waits for the others in a package collective (HIERMOE_COLLECTIVE_TIMEOUT)")
+    )
 
     def __post_init__(self) -> None:
         self.dense_sharding = dense_sharding_from_env(self.dense_sharding)
@@ -93,7 +101,7 @@ class HierMoEPlugin:
         for f in fields(HierMoEConfig):
             if getattr(self, f.name) is not None:
                 continue
-            env = f"{ENV_PREFIX}{f.name.upper()}"
+            env = _ENV_NAMES.get(f.name, f"{ENV_PREFIX}{f.name.upper()}")
             raw = os.environ.get(env)
             if raw is None or raw.strip() == "":
                 if f.name != "topology":  # topology None stays None: taken from the launcher in prepare()
@@ -114,6 +122,7 @@ class HierMoEPlugin:
         self._store: RankStateStore | None = None
         self._meter: TrafficMeter | None = None
         self._expert_sync: ExpertGradSync | None = None
+        self._save_id: str | None = None
 
     # ---- configuration ---------------------------------------------------------------------------------------
 
@@ -129,6 +138,7 @@ class HierMoEPlugin:
             swap_pairs=self.swap_pairs,
             overlap_chunks=self.overlap_chunks,
             ep_size=self.ep_size,
+            collective_timeout_s=self.collective_timeout_s,
         )
 
     def resolve_topology(self, world_size: int) -> Topology:
@@ -265,6 +275,7 @@ class HierMoEPlugin:
         accelerator.register_save_state_pre_hook(self._save_state_hook)
         accelerator.register_load_state_pre_hook(self._load_state_hook)
         accelerator.clip_grad_norm_ = self.clip_grad_norm_  # this instance only; the loop's call stays the same
+        accelerator.save_state = crash_safe_save_state(accelerator, self._begin_save, self._store.seal)
 
     # ---- per step ----------------------------------------------------------------------------------------------
 
@@ -291,7 +302,12 @@ class HierMoEPlugin:
                     state.pop(name, None)
                 for name in [k for k, v in state.items() if is_sharded(v)]:  # FSDP2 shards: per-rank files
                     state.pop(name)
-        self._store.save(output_dir, {"step": self.step, "swaps_done": self.swaps_done})
+        self._store.save(output_dir, {"step": self.step, "swaps_done": self.swaps_done}, self._save_id)
+
+    def _begin_save(self) -> None:
+        """Before ``save_state`` writes anything: the save's id, from rank 0 (collective, bounded: a
+        save_state called on some ranks only raises instead of hanging)."""
+        self._save_id = new_save_id(runtime_of(self.model).collective_timeout_s)
 
     def _load_state_hook(self, models, input_dir) -> None:
         extra = self._store.begin_load(input_dir)
@@ -299,14 +315,25 @@ class HierMoEPlugin:
         self.swaps_done = int(extra.get("swaps_done", 0))
 
 
+# What each integer field takes, for the message naming a value that is not a whole number.
+_INT_RANGES = {
+    "swap_interval": "a whole number >= 0 (0 = never)",
+    "swap_pairs": "a whole number >= 1",
+    "overlap_chunks": "a whole number from 1 (no overlap) to 64",
+    "ep_size": "a whole number >= 1, or none (= the world size)",
+}
+
+
 def _parse_env(env: str, name: str, raw: str) -> Any:
     if name == "ep_size" and raw.lower() == "none":
         return None
     if name in _INT_FIELDS:
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"{env}={raw!r} is not an integer; {name} takes a whole number >= 0") from None
+        # ASCII digits only: int() would also take "１２" or "٣" (other scripts' digits) and "1_0".
+        if not re.fullmatch(r"[+-]?[0-9]+", raw):
+            raise ValueError(f"{env}={raw!r} is not an integer (ASCII digits 0-9); {name} takes {_INT_RANGES[name]}")
+        return int(raw)
+    if name == "collective_timeout_s":
+        return parse_timeout(env, raw)
     if name in ("cost_model", "ep_size") and raw.lower() == "none":
         return None
     return raw

@@ -3,7 +3,7 @@
 Every rank otherwise holds the whole dense part (attention, embeddings, shared experts, dense MLPs,
 routers) with its optimizer state: about 17 B parameters for DeepSeek-V3. ``shard_dense`` applies
 ``torch.distributed.fsdp.fully_shard`` to each decoder layer and then to the root over all ranks (a
-1-D mesh), with the expert slices in ``ignored_params``: they stay plain rank-local Parameters,
+1-D mesh of all W ranks, whatever ``ep_size``), with the expert slices in ``ignored_params``: they stay plain rank-local Parameters,
 exchanged by the patched forward as before. Dense parameters become DTensors sharded on dim 0;
 FSDP2 all-gathers a layer's dense weights for its forward and backward and reduce-scatters their
 gradients (averaged over ranks), which is DDP's semantics (DESIGN.md section 6). Expert gradients
@@ -59,13 +59,14 @@ def shard_dense(model: torch.nn.Module, mixed_precision: MixedPrecisionPolicy | 
         return model  # already sharded: a second call is a no-op
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("shard_dense needs an initialised default process group (FSDP2 shards over its ranks)")
-    if dist.get_world_size() != runtime.world_size:
+    if dist.get_world_size() != runtime.global_world_size:
         raise ValueError(
             f"shard_dense shards over the default group ({dist.get_world_size()} ranks), but the model is "
-            f"patched for {runtime.world_size}; use the same ranks for both"
+            f"patched for {runtime.global_world_size}; use the same ranks for both"
         )
     device = next(base.parameters()).device
-    fully_shard_dense(base, set(expert_parameters(model)), runtime.world_size, device.type, mixed_precision)
+    # Over the whole world, also with ep_size < W: dense grads are averaged over every rank's tokens.
+    fully_shard_dense(base, set(expert_parameters(model)), runtime.global_world_size, device.type, mixed_precision)
     return model
 
 

@@ -188,6 +188,7 @@ class HierMoECallback(TrainerCallback):
                 self._original_save(target[0])
             if self._store is not None:  # what rank 0's model and optimizer files cannot hold
                 self._store.save(target[0], {"step": self.step, "swaps_done": self.swaps_done})
+                self._store.seal(target[0])  # the manifest, last: a checkpoint cut short is refused at resume
         return control
 
     def _wrap_save_pretrained(self, model: torch.nn.Module) -> None:
