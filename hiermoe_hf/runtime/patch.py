@@ -66,8 +66,6 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
     outer, model = model, guards.patch_target(model)
     sites = patches.find_experts(model)  # ValueError naming the family for a model it cannot serve
     num_experts = sites[0][0].num_experts
-    if experts_are_local:  # the modules hold only this rank's E / ep_size slots (from_pretrained read no more)
-        num_experts *= EPLayout.resolve(config.ep_size, *world()).ep_size
     layout, topology = resolve_layout(config, num_experts)
     world_size, rank = layout.ep_size, layout.rank  # the expert-parallel group's from here on
     ep_group, replica_group = process_groups(layout)
