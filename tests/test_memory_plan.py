@@ -152,3 +152,32 @@ def test_presets_match_the_published_sizes():
         totals[name] = (sum(math.prod(s) for s, _ in table.dense), sum(math.prod(s) for s, _ in table.experts))
     assert round(sum(totals["qwen3-30b-a3b"]) / 1e9, 1) == 30.5 and round(totals["qwen3-30b-a3b"][0] / 1e9, 1) == 1.5
     assert round(sum(totals["deepseek-v3"]) / 1e9) == 671 and round(totals["deepseek-v3"][0] / 1e9) == 17
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "nemotron_h"])
+def test_parameter_counts_of_any_family(tmp_path, capsys, family):
+    """Dense and expert bytes for families without a table: the real tiny model's parameters, with the
+    experts' elements counted by hand from the config (gate+up+down; gpt-oss adds biases; Nemotron-H
+    has no gate and one MoE layer); then through the CLI from a config.json."""
+    from hiermoe_hf.tiny_families import build_family_model, tiny_family_config
+
+    config = tiny_family_config(family)
+    E, H = 8, config.hidden_size
+    per_expert = {
+        "mixtral": lambda: 3 * H * config.intermediate_size,
+        "gpt_oss": lambda: 3 * H * config.intermediate_size + 2 * config.intermediate_size + H,
+        "nemotron_h": lambda: 2 * H * config.moe_intermediate_size,
+    }[family]()
+    layers = {"mixtral": 2, "gpt_oss": 2, "nemotron_h": 1}[family]
+    total = sum(p.numel() for p in build_family_model(config).parameters())
+    experts = layers * E * per_expert
+    for world in (1, 4):
+        plan = memory.memory_plan(config, world, dtype="fp32", optimizer="sgd", seq_len=8)
+        assert plan["expert_params_bytes"] == 4 * experts // world
+        assert plan["dense_params_bytes"] == 4 * (total - experts)
+    path = tmp_path / "config.json"
+    config.save_pretrained(tmp_path)
+    args = ["--model", str(path), "--topology", "2x2", "--memory", "--dtype", "fp32", "--seq-len", "8", "--json"]
+    assert planner_cli.main(args) == 0
+    got = json.loads(capsys.readouterr().out)["memory"]
+    assert got["expert_params_bytes"] == 4 * experts // 4 and got["dense_params_bytes"] == 4 * (total - experts)

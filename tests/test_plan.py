@@ -128,3 +128,23 @@ def test_planner_prices_as_auto_does(seed, monkeypatch):
         for s in out["strategies"]:
             assert s["predicted_ms"] == pytest.approx(expected[s["name"]], rel=1e-12)
         assert planner.chosen(out) == min(topo.strategies(), key=lambda n: (expected[n], topo.strategies().index(n)))
+
+
+@pytest.mark.parametrize("family,moe_layers,inter,groups", [
+    ("mixtral", 2, 64, (1, 1)), ("gpt_oss", 2, 16, (1, 1)), ("nemotron_h", 1, 16, (1, 1)),
+    ("deepseek_v3", 2, 16, (2, 1)), ("gemma4", 2, 16, (1, 1)), ("qwen3_vl_moe", 2, 16, (1, 1)),
+])
+def test_any_family_config_through_the_cli(tmp_path, capsys, family, moe_layers, inter, groups):
+    """A local config.json / folder of a family the planner has no table for: E, K, hidden, intermediate,
+    MoE layers and routing groups are the tiny config's (hiermoe_hf.tiny_families: 8 experts, top-2,
+    hidden 32; Nemotron-H: one MoE layer of three; DeepSeek-V3: first layer dense, 2 groups, top-1 group;
+    Gemma 4 and Qwen3-VL-MoE: image-text configs, Gemma 4's experts on the decoder layer)."""
+    from hiermoe_hf.tiny_families import tiny_family_config
+
+    tiny_family_config(family).save_pretrained(tmp_path)
+    for model in (str(tmp_path), str(tmp_path / "config.json")):
+        spec = planner.load_model_spec(model)
+        got = (spec.experts, spec.topk, spec.hidden, spec.moe_intermediate, spec.moe_layers)
+        assert got == (8, 2, 32, inter, moe_layers) and (spec.n_group, spec.topk_group) == groups
+    assert planner.main(["--model", str(tmp_path / "config.json"), "--topology", "2x2", "--tokens", "64"]) == 0
+    assert "E=8 K=2 hidden=32" in capsys.readouterr().out

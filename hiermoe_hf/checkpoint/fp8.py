@@ -1,6 +1,7 @@
-"""DeepSeek-V3 FP8 checkpoints (block-scaled e4m3 weights), dequantized while they are read.
+"""Fine-grained FP8 checkpoints (block-scaled e4m3 weights), dequantized while they are read.
 
-The Hub layout of deepseek-ai/DeepSeek-V3 and V3-architecture FP8 releases: a quantized weight
+Transformers' ``FineGrainedFP8Config`` format (``quant_method: "fp8"``), which DeepSeek-V3.x,
+Qwen3 / Qwen3-MoE ``-FP8``, GLM and MiniMax-M2 FP8 releases share, per-expert or fused: a quantized weight
 ``W.weight`` is ``float8_e4m3fn`` [R, C] and ``W.weight_scale_inv`` is float32
 [ceil(R / br), ceil(C / bc)], one scale per block of ``quantization_config.weight_block_size``
 [br, bc]; the real weight is ``W.weight.float() * scale_inv[i // br, j // bc]``. This is DeepSeek's
@@ -24,6 +25,7 @@ import torch
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn,)
+E4M3_NAMES = ("e4m3", "float8_e4m3fn")  # DeepSeek / Qwen write "e4m3"; MiniMax-M2 "float8_e4m3fn"
 
 
 @dataclass(frozen=True)
@@ -33,27 +35,22 @@ class Fp8Format:
     block: tuple[int, int]
 
     @staticmethod
-    def take_from(config) -> Fp8Format | None:
-        """The format of an FP8 ``config`` (its ``quantization_config`` removed, so the model is built,
-        trained and saved unquantized), or None for an unquantized config. ValueError for other methods."""
-        quant = getattr(config, "quantization_config", None)
-        if quant is None:
-            return None
-        quant = quant if isinstance(quant, dict) else quant.to_dict()
-        method = quant.get("quant_method")
+    def from_quant(quant: dict) -> Fp8Format:
+        """The format of an FP8 ``quantization_config`` (a dict); ValueError for what is not block-scaled e4m3."""
         block = quant.get("weight_block_size")
-        if method != "fp8" or quant.get("fmt", "e4m3") != "e4m3":
+        if quant.get("fmt", "e4m3") not in E4M3_NAMES:
             raise ValueError(
-                f"hiermoe_hf.from_pretrained reads unquantized and DeepSeek FP8 (quant_method='fp8', fmt='e4m3') "
-                f"checkpoints; this one has quantization_config {quant}"
+                f"FP8 quantization_config.fmt={quant.get('fmt')!r} is not supported; valid: {', '.join(E4M3_NAMES)}"
             )
         if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block)):
             raise ValueError(
                 f"FP8 quantization_config.weight_block_size must be [rows, cols] of positive ints, got {block!r} "
                 "(per-tensor FP8 scales are not supported)"
             )
-        del config.quantization_config
         return Fp8Format((int(block[0]), int(block[1])))
+
+    def reader(self, raw) -> Fp8Reader:
+        return Fp8Reader(raw, self)
 
 
 def scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:

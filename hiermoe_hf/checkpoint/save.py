@@ -27,16 +27,15 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import get_torch_storage_id, get_torch_storage_size, split_state_dict_into_shards_factory
 from torch.distributed.tensor import DTensor
-from transformers.core_model_loading import dot_natural_key
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from hiermoe_hf.checkpoint import safetensors_layout
 from hiermoe_hf.checkpoint.atomic_folder import partial_folder, publish
-from hiermoe_hf.checkpoint.keys import expert_key, fused_key, row_parts
+from hiermoe_hf.checkpoint.keys import check_complete, conversions, experts_to_hub, hub_layout
 from hiermoe_hf.exchange import bounded
 from hiermoe_hf.runtime.devices import comm_device as comm_device_of
-from hiermoe_hf.runtime.registry import moe_layers, runtime_of
+from hiermoe_hf.runtime.registry import LAYER_ATTR, moe_layers, runtime_of
 
 GATHER_BYTES = 64 * 2**20  # bytes moved to rank 0 per round; bounds rank 0's extra memory during a save
 
@@ -45,19 +44,22 @@ GATHER_BYTES = 64 * 2**20  # bytes moved to rank 0 per round; bounds rank 0's ex
 class Piece:
     """Contiguous bytes of one checkpoint tensor, held by rank ``owner``.
 
-    A replicated tensor is one piece named by its state-dict key (read on rank 0). An expert piece is
-    rows [lo, hi) of logical expert ``expert``'s matrix in fused parameter ``param`` of ``block``,
-    owned by its holder in the first replica of the expert-parallel group (group rank = global rank).
+    A dense tensor is one piece named by its state-dict key (read on rank 0). An expert piece is
+    logical expert ``expert``'s part of fused parameter ``source`` (attribute ``param`` of the experts
+    module ``module``): the expert's whole slice when ``template`` is None, else the checkpoint
+    tensor named ``template`` that Transformers' reverse conversion makes of that slice
+    (``keys.experts_to_hub``). It is owned by its holder in the first replica of the expert-parallel
+    group (group rank = global rank).
     """
 
     owner: int
     nbytes: int
     dense_key: str | None = None
-    block: str = ""
+    source: str = ""
+    module: str = ""
     param: str = ""
     expert: int = -1
-    lo: int = 0
-    hi: int = 0
+    template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,51 +156,50 @@ def save_pretrained(
         raise RuntimeError(f"hiermoe_hf.save_pretrained failed on rank 0 writing {target!r}:\n{error}")
 
 
+def experts_modules(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, object]]:
+    """Qualified name (in ``model.state_dict()``) of each patched experts module -> (module, LayerState)."""
+    return {name: (m, getattr(m, LAYER_ATTR)) for name, m in model.named_modules() if hasattr(m, LAYER_ATTR)}
+
+
 def _checkpoint_entries(model: torch.nn.Module, original_format: bool) -> dict[str, Entry]:
-    """Every tensor the unpatched model's plain save would write, in the order it would visit them."""
-    layers = moe_layers(model)
+    """Every tensor the unpatched model's plain save would write, in the order it would write them.
+
+    The keys, their order and the per-expert names come from Transformers' own reverse conversion
+    (``keys.hub_layout``), run on meta tensors of the unpatched model's shapes.
+    """
     state = model.state_dict()
     for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
         state.pop(key, None)
     state = remove_tied_weights_from_state_dict(state, model)
-    fused = {fused_key(block, p): (block, layer, p) for block, (_, layer) in layers.items() for p in layer.param_names}
+    modules = experts_modules(model)
+    fused = {f"{name}.{p}": (name, layer, p) for name, (_, layer) in modules.items() for p in layer.param_names}
     absent = sorted(set(fused) - set(state))
     if absent:
         raise RuntimeError(f"patched experts missing from the state dict: {absent[:4]}")
-    # Transformers' reverse conversion visits keys in natural order; without it, the state-dict order stays.
-    items = sorted(state.items(), key=lambda kv: dot_natural_key(kv[0])) if original_format else list(state.items())
-    out: dict[str, Entry] = {}
-    for key, tensor in items:
+    shapes, experts = {}, {}
+    for key, tensor in state.items():
+        shape = tuple(tensor.shape)
         if key in fused:
-            out.update(_expert_entries(key, tensor, *fused[key], original_format))
+            experts[key] = fused[key][1].placement.num_experts
+            shape = (experts[key], *shape[1:])  # the unpatched model's: all E experts
+        shapes[key] = (shape, tensor.dtype)
+    layout = hub_layout(model, shapes, experts, original_format)
+    check_complete(layout, experts)
+    out: dict[str, Entry] = {}
+    for t in layout:
+        if not t.experts:
+            tensor = state[t.source]
+            piece = Piece(owner=0, nbytes=tensor.numel() * tensor.element_size(), dense_key=t.source)
+            storage = (get_torch_storage_id(tensor), get_torch_storage_size(tensor))
+            out[t.key] = Entry(t.key, t.dtype, t.shape, (piece,), *storage)
             continue
-        piece = Piece(owner=0, nbytes=tensor.numel() * tensor.element_size(), dense_key=key)
-        storage = (get_torch_storage_id(tensor), get_torch_storage_size(tensor))
-        out[key] = Entry(key, tensor.dtype, tuple(tensor.shape), (piece,), *storage)
-    return out
-
-
-def _expert_entries(key, local, block, layer, param, original_format) -> dict[str, Entry]:
-    """Checkpoint tensors of one fused experts parameter (local slots ``local`` [e, rows, ...]), logical order."""
-    placement = layer.placement
-    num_experts, rows, rest = placement.num_experts, local.shape[1], tuple(local.shape[2:])
-    row_bytes = math.prod(rest) * local.element_size()
-
-    def piece(g: int, lo: int, hi: int) -> Piece:
-        return Piece(placement.rank_of(g), (hi - lo) * row_bytes, None, block, param, g, lo, hi)
-
-    if not original_format:
-        pieces = tuple(piece(g, 0, rows) for g in range(num_experts))
-        shape = (num_experts, rows, *rest)
-        return {key: Entry(key, local.dtype, shape, pieces, ("experts", key), num_experts * rows * row_bytes)}
-    out = {}
-    for part in row_parts(param, rows):
-        # A plain save holds each projection's experts as views of one tensor: one storage, one shard.
-        group, group_bytes = ("experts", key, part.projection), num_experts * (part.hi - part.lo) * row_bytes
-        shape = (part.hi - part.lo, *rest)
-        for g in range(num_experts):
-            name = expert_key(block, g, part.projection)
-            out[name] = Entry(name, local.dtype, shape, (piece(g, part.lo, part.hi),), group, group_bytes)
+        module, layer, param = fused[t.source]
+        ids = range(t.experts) if t.expert is None else [t.expert]
+        each = math.prod(t.shape[1:] if t.expert is None else t.shape) * t.dtype.itemsize
+        pieces = tuple(
+            Piece(layer.placement.rank_of(g), each, None, t.source, module, param, g, t.template) for g in ids
+        )
+        out[t.key] = Entry(t.key, t.dtype, t.shape, pieces, t.storage, t.storage_nbytes)
     return out
 
 
@@ -242,16 +243,26 @@ def _gather_sharded(model: torch.nn.Module, round_: list[Piece]) -> dict[str, to
     return out
 
 
-def _piece_bytes(model: torch.nn.Module, piece: Piece, layers: dict, gathered: dict | None = None) -> torch.Tensor:
-    """This rank's bytes of ``piece``, as a flat uint8 tensor."""
+def _piece_bytes(model: torch.nn.Module, piece: Piece, modules: dict, gathered: dict | None = None,
+                 converted: dict | None = None) -> torch.Tensor:
+    """This rank's bytes of ``piece``, as a flat uint8 tensor. ``converted``: per file, Transformers'
+    conversion list (``conv``) and the last expert's reverse conversion (its gate and up keys come
+    from one conversion)."""
     if piece.dense_key is not None:
         tensor = (gathered or {}).get(piece.dense_key)
         if tensor is None:
             tensor = model.get_parameter_or_buffer(piece.dense_key)
     else:
-        experts, layer = layers[piece.block]
+        experts, layer = modules[piece.module]
         slot = layer.placement.slot_of(piece.expert)
-        tensor = getattr(experts, piece.param)[slot, piece.lo : piece.hi]
+        tensor = getattr(experts, piece.param)[slot : slot + 1].detach()
+        if piece.template is not None:
+            cache = converted if converted is not None else {}
+            if "conv" not in cache:
+                cache["conv"] = conversions(model)
+            if cache.get("at") != (piece.source, piece.expert):
+                cache.update(at=(piece.source, piece.expert), out=experts_to_hub(cache["conv"], piece.source, tensor))
+            tensor = cache["out"][piece.template]
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
@@ -285,7 +296,8 @@ def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | 
     Once rank 0 has an error it keeps taking part in the exchange (so no rank hangs) but writes no
     more; the error is returned and reported to every rank at the end.
     """
-    layers = moe_layers(model)
+    modules = experts_modules(model)
+    converted: dict = {}
     handle = None
     if rank == 0 and error is None:
         try:
@@ -297,7 +309,7 @@ def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | 
     for round_ in _rounds(pieces):
         gathered = _gather_sharded(model, round_)
         if rank != 0:
-            mine = [_piece_bytes(model, p, layers) for p in round_ if p.owner == rank]
+            mine = [_piece_bytes(model, p, modules, None, converted) for p in round_ if p.owner == rank]
             if mine:
                 _batched_p2p([dist.P2POp(dist.isend, torch.cat(mine).to(comm_device), 0)])
             continue
@@ -315,7 +327,7 @@ def _write_file(model, path, ordered, world, rank, comm_device, error) -> str | 
         try:
             for piece in round_:
                 if piece.owner == 0:
-                    data = _piece_bytes(model, piece, layers, gathered).cpu()
+                    data = _piece_bytes(model, piece, modules, gathered, converted).cpu()
                 else:
                     buf, at = received[piece.owner]
                     data, received[piece.owner] = buf[at : at + piece.nbytes], (buf, at + piece.nbytes)

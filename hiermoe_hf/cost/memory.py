@@ -19,64 +19,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from hiermoe_hf.cost.moe_model import PRESET_CONFIGS, MoeModel, load_config  # noqa: F401  (re-exported)
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZERS = ("adamw", "sgd")
 DENSE_SHARDINGS = ("ddp", "fsdp2")
 
-# config.json of the two presets (the fields that shape parameters and activations).
-PRESET_CONFIGS = {
-    "qwen3-30b-a3b": dict(
-        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
-        head_dim=128, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
-        norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=40960,
-    ),
-    "deepseek-v3": dict(
-        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-        moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128,
-        num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
-        topk_group=4, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, tie_word_embeddings=False, max_position_embeddings=163840,
-    ),
-}
-
-
 @dataclass(frozen=True)
 class ParamTable:
     """Every parameter as (shape, kept in fp32): dense ones, and the routed experts' fused ones
-    ([E, rows, cols]). "Kept in fp32": Transformers' ``_keep_in_fp32_modules`` (DeepSeek-V3's router)."""
+    ([E, ...], biases included), read off the model built on the meta device (``moe_model``), so it
+    is right for any family. "Kept in fp32": Transformers' ``_keep_in_fp32_modules`` (DeepSeek-V3's
+    router). ``moe``: the rest of what was read (top-k, widths, MoE layers) for the activations."""
 
     dense: tuple[tuple[tuple[int, ...], bool], ...]
     experts: tuple[tuple[tuple[int, ...], bool], ...]
     num_experts: int
+    moe: MoeModel
 
     @staticmethod
     def of(config) -> ParamTable:
-        with torch.device("meta"):  # built in bf16 so that Transformers applies its fp32 exceptions
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        dense, experts = [], []
-        for name, p in model.named_parameters():
-            is_expert = ".mlp.experts." in name and p.dim() == 3
-            (experts if is_expert else dense).append((tuple(p.shape), p.dtype == torch.float32))
-        num = int(getattr(config, "num_experts", None) or config.n_routed_experts)
-        return ParamTable(tuple(dense), tuple(experts), num)
-
-
-def load_config(model: str):
-    """A Transformers config: a preset name (offline), or whatever ``AutoConfig.from_pretrained`` takes."""
-    if model in PRESET_CONFIGS:
-        spec = dict(PRESET_CONFIGS[model])
-        return AutoConfig.for_model(spec.pop("model_type"), **spec)
-    if model.endswith(".json"):
-        import json
-
-        with open(model) as f:
-            spec = json.load(f)
-        return AutoConfig.for_model(spec.pop("model_type"), **spec)
-    return AutoConfig.from_pretrained(model)
+        moe = MoeModel.of(config)
+        return ParamTable(moe.dense, moe.expert_params, moe.experts, moe)
 
 
 def rank0_bytes(params, world: int, sharded: bool, dtype_bytes: int, experts: bool = False) -> int:
@@ -89,8 +53,13 @@ def rank0_bytes(params, world: int, sharded: bool, dtype_bytes: int, experts: bo
     return total
 
 
-def activation_breakdown(config, tokens: int, dtype_bytes: int, checkpointing: bool, world: int) -> dict:
-    """Bytes autograd keeps for the backward on one rank, by term (``tokens`` = micro-batch x seq len)."""
+def activation_breakdown(
+    config, tokens: int, dtype_bytes: int, checkpointing: bool, world: int, moe: MoeModel | None = None
+) -> dict:
+    """Bytes autograd keeps for the backward on one rank, by term (``tokens`` = micro-batch x seq len);
+    the MoE terms from ``moe`` (read off the model: ``MoeModel.of(config)`` when not given)."""
+    moe = moe or MoeModel.of(config)
+    config = config.get_text_config()
     H, V = config.hidden_size, config.vocab_size
     nh = config.num_attention_heads
     kv_lora = getattr(config, "kv_lora_rank", None)
@@ -106,18 +75,16 @@ def activation_breakdown(config, tokens: int, dtype_bytes: int, checkpointing: b
     # Two RMSNorms (input and output kept) and the projections' input, q/k before and after norm and
     # rope, v, the attention output twice (kernel output, o_proj input), an fp32 log-sum-exp per head.
     attention = 5 * H + 3 * (q_dim + k_dim) + v_dim + 2 * o_dim + lora + nh * 4 // dtype_bytes
-    E = int(getattr(config, "num_experts", None) or config.n_routed_experts)
-    K, I_moe = config.num_experts_per_tok, config.moe_intermediate_size
+    E, K, I_moe = moe.experts, moe.topk, moe.intermediate
     # Router logits and scores; per (token, expert) row: its input, gate/up output, the activation's
     # input, output and product, the down input, the weighted output and the combine's two sums, and
     # about four int64 indices (dispatch and expand layouts). Balanced routing: E/W experts per rank.
-    moe = 2 * E + K * (4 * H + 5 * I_moe + 32 // dtype_bytes)
+    moe_row = 2 * E + K * (4 * H + 5 * I_moe + 32 // dtype_bytes)
     shared = getattr(config, "n_shared_experts", 0) or 0
-    moe += shared * (H + 4 * I_moe) if shared else 0
-    dense_mlp = H + 4 * config.intermediate_size
+    moe_row += shared * (H + 4 * I_moe) if shared else 0
+    dense_mlp = H + 4 * (getattr(config, "intermediate_size", None) or I_moe)
     L = config.num_hidden_layers
-    moe_layers = _moe_layer_count(config)
-    per_layer = [attention + (moe if i < moe_layers else dense_mlp) for i in range(L)]
+    per_layer = [attention + (moe_row if i < moe.moe_layers else dense_mlp) for i in range(L)]
     # The head: final norm (in, out) and the loss's fp32 log-softmax.
     head = 2 * H + V * 4 // dtype_bytes
     if checkpointing:
@@ -129,15 +96,6 @@ def activation_breakdown(config, tokens: int, dtype_bytes: int, checkpointing: b
         "head_bytes": int(tokens * head * dtype_bytes),
         "activations_bytes": int(tokens * (layers + head) * dtype_bytes),
     }
-
-
-def _moe_layer_count(config) -> int:
-    L = config.num_hidden_layers
-    if hasattr(config, "first_k_dense_replace"):
-        return L - int(config.first_k_dense_replace or 0)
-    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
-    only = set(getattr(config, "mlp_only_layers", []) or [])
-    return sum(1 for i in range(L) if i not in only and (i + 1) % step == 0)
 
 
 def memory_plan(
@@ -162,9 +120,9 @@ def memory_plan(
     tensors = len(table.dense) + len(table.experts)
     optimizer_bytes = (2 * params + 4 * tensors) if optimizer == "adamw" else 0
     tokens = seq_len * micro_batch
-    acts = activation_breakdown(config, tokens, b, gradient_checkpointing, world)
+    acts = activation_breakdown(config, tokens, b, gradient_checkpointing, world, table.moe)
     # Alive beside the saved activations at the loss: the returned logits and their fp32 gradient.
-    logits = tokens * config.vocab_size * (b + 4)
+    logits = tokens * config.get_text_config().vocab_size * (b + 4)
     total = 2 * params + optimizer_bytes + acts["activations_bytes"] + logits
     budget = int(gpu_memory_gib * 2**30)
     return {

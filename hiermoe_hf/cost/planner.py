@@ -2,6 +2,10 @@
 
     python -m hiermoe_hf.plan --model deepseek-v3 --topology 4x8 --cost-model hiermoe-paper
     python -m hiermoe_hf.plan --model ./my_model/config.json --topology 2x8 --cost-model cost.json --json
+    python -m hiermoe_hf.plan --model mistralai/Mixtral-8x7B-v0.1 --topology 2x8 --memory   # Hub id (or HF cache)
+
+``--model``: a preset, or a config of any MoE family Transformers builds (its model is built on the
+meta device and E, top-k, hidden width, MoE layers and routing groups are read off it).
 
 Per strategy: rows each token puts on every stage's links (rows kept on the sending rank
 excluded), bytes per rank, predicted time of one layer's forward exchange (dispatch + combine,
@@ -26,11 +30,11 @@ from typing import Sequence
 
 import torch
 
-from hiermoe_hf.checkpoint.hub import resolve_checkpoint
 from hiermoe_hf.cost import memory as mem
 from hiermoe_hf.cost import model as cm
 from hiermoe_hf.cost import routing_models as rm
 from hiermoe_hf.cost.layouts import add_layout_args, format_layouts, layouts_result
+from hiermoe_hf.cost.moe_model import MoeModel, load_config
 from hiermoe_hf.cost.pricing import forward_exchange_times
 from hiermoe_hf.exchange.stage_rows import stage_rows
 from hiermoe_hf.topology import Topology, parse_levels
@@ -46,7 +50,7 @@ class ModelSpec:
     hidden: int
     n_group: int = 1
     topk_group: int = 1
-    moe_intermediate: int = 0  # one expert's intermediate size (3 * hidden * this parameters); 0 = unknown
+    moe_intermediate: int = 0  # one expert's intermediate size (about 3 * hidden * this parameters); 0 = unknown
     moe_layers: int = 0  # routed-MoE layers; 0 = unknown (layouts need both: cost/layouts.py)
 
 
@@ -63,66 +67,26 @@ DUP_GROUPS = (4, 8, 16, 32)
 DUP_TOPK = (2, 4, 6, 8)
 
 
-def spec_from_config(cfg: dict, name: str) -> ModelSpec:
-    """ModelSpec from a Transformers config dict (Qwen3-MoE, DeepSeek-V3, Mixtral-style keys)."""
-    experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts")
-    topk = cfg.get("num_experts_per_tok")
-    hidden = cfg.get("hidden_size")
-    if not experts or not topk or not hidden:
-        raise ValueError(
-            f"config of {name!r} is not a MoE config this planner knows: needs num_experts (or n_routed_experts), "
-            f"num_experts_per_tok and hidden_size; got model_type={cfg.get('model_type')!r}"
-        )
-    n_group = int(cfg.get("n_group") or 1)
-    topk_group = int(cfg.get("topk_group") or n_group)
-    inter = cfg.get("moe_intermediate_size") or (cfg.get("intermediate_size") if cfg.get("num_local_experts") else 0)
+def spec_from_config(config, name: str) -> ModelSpec:
+    """ModelSpec of a Transformers config of any MoE family: read off its model built on the meta
+    device (``moe_model.MoeModel``: E, widths and MoE layers from the experts modules, top-k from
+    the router, routing groups from the config); ValueError for a config without routed experts."""
+    moe = MoeModel.of(config, name)
     return ModelSpec(
-        name, int(experts), int(topk), int(hidden), n_group, topk_group, int(inter or 0), _moe_layers(cfg)
+        name, moe.experts, moe.topk, moe.hidden, moe.n_group, moe.topk_group, moe.intermediate, moe.moe_layers
     )
 
 
-def _moe_layers(cfg: dict) -> int:
-    """Routed-MoE layers of a config: DeepSeek's first_k_dense_replace, Qwen3's mlp_only_layers and
-    decoder_sparse_step (as Transformers builds them); 0 when the layer count is missing."""
-    layers = int(cfg.get("num_hidden_layers") or 0)
-    if "first_k_dense_replace" in cfg:
-        return max(0, layers - int(cfg["first_k_dense_replace"] or 0))
-    step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
-    return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def load_model_spec(model: str) -> ModelSpec:
-    """A preset name, a local config.json or model folder, or a Hub id (cache first, then network).
+    """A preset name, a local config.json or model folder (any supported family), or a Hub id
+    (cache first, then network).
 
-    Never hangs without a network (``checkpoint.hub.resolve_checkpoint``): with HF_HUB_OFFLINE=1 only
-    the local cache is read, and a failed download raises a ValueError that names the alternatives.
+    Never hangs without a network (``moe_model.load_config``): with HF_HUB_OFFLINE=1 only the local
+    cache is read, and a failed download raises a ValueError that names the alternatives.
     """
     if model in MODEL_PRESETS:
         return MODEL_PRESETS[model]
-    if os.path.isdir(model):
-        path = os.path.join(model, "config.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"folder {model!r} has no config.json")
-        return spec_from_config(_read_json(path), model)
-    if os.path.isfile(model):
-        return spec_from_config(_read_json(model), model)
-    if model.count("/") != 1 or model.startswith((".", "/")):
-        raise ValueError(
-            f"model {model!r} is not a preset ({', '.join(MODEL_PRESETS)}), an existing config.json/folder, "
-            "or a Hub id of the form 'org/name'"
-        )
-    try:  # the local cache first; with HF_HUB_OFFLINE=1 only the cache
-        folder = resolve_checkpoint(model, patterns=["config.json"])
-    except OSError as err:
-        raise ValueError(
-            f"{err}; without a network pass a local config.json or a preset ({', '.join(MODEL_PRESETS)})"
-        ) from err
-    return spec_from_config(_read_json(os.path.join(folder, "config.json")), model)
+    return spec_from_config(load_config(model), model)
 
 
 def resolve_routing(routing: str, spec: ModelSpec) -> str:
