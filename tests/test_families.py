@@ -32,10 +32,13 @@ import torch
 import torch.distributed as dist
 
 import hiermoe_hf
-from hiermoe_hf import patches
 from hiermoe_hf.runtime.registry import moe_layers
 from hiermoe_hf.tiny_families import (
-    FAMILY, IMAGE_TEXT, TOKENS, available, build_family_model, model_class, tiny_family_config,
+    TOKENS,
+    available,
+    build_family_model,
+    model_class,
+    tiny_family_config,
 )
 
 PER_RANK, SEQ, STEPS, LR, RTOL = 2, 6, 2, 1e-2, 1e-5
@@ -173,7 +176,7 @@ def family_job(family: str, strategy: str, variant: str | None, save_dir: str | 
                 loaded = model_class(model.config).from_pretrained(os.path.join(save_dir, layout), dtype=torch.float64)
                 got = dict(loaded.named_parameters())
                 err[f"load_{layout}"] = max(_rel(got[n], p) for n, p in trained.items()) if got.keys() == trained.keys() else 1.0
-            except Exception as e:  # noqa: BLE001  (reported: a layout item 5 has not made readable yet)
+            except Exception as e:  # noqa: BLE001  (reported with the family's name by the assertion)
                 err[f"load_{layout}"] = f"{type(e).__name__}: {str(e)[:300]}"
     dist.barrier()
     return err
@@ -227,10 +230,6 @@ def _check(results: list[dict], where: str) -> None:
 # Families whose Hub key layout ``save_pretrained`` (save_original_format=True) does not write yet:
 # per-expert key layouts other than Qwen's gate_proj/up_proj/down_proj are issue 17 item 5 (branch
 # issue17-ckpt). Filled from what this module measured; the fused layout loads for every family.
-HUB_LAYOUT_PENDING = {"gpt_oss", "nemotron_h", "mixtral", "minimax_m2", "gemma4_text", "gemma4", "deepseek_v4",
-                      "qwen3_vl_moe"}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_equals_transformers_on_the_global_batch(ranks, family, tmp_path):
     _skip_missing(family)
@@ -241,10 +240,7 @@ def test_family_equals_transformers_on_the_global_batch(ranks, family, tmp_path)
     _check(hd2, f"{family} hd2")
     assert a2a[0]["layers"] >= 1
     assert a2a[0]["load_fused"] == pytest.approx(0.0, abs=RTOL), a2a[0]["load_fused"]
-    if family not in HUB_LAYOUT_PENDING:
-        assert a2a[0]["load_hub"] == pytest.approx(0.0, abs=RTOL), a2a[0]["load_hub"]
-    elif isinstance(a2a[0]["load_hub"], float) and a2a[0]["load_hub"] <= RTOL:
-        pytest.fail(f"{family}'s Hub layout now loads: remove it from HUB_LAYOUT_PENDING")
+    assert a2a[0]["load_hub"] == pytest.approx(0.0, abs=RTOL), a2a[0]["load_hub"]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

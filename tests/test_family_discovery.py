@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_families import FAMILIES, _config, _skip_missing
 from transformers import AutoConfig, AutoModel
 
 import hiermoe_hf
 from hiermoe_hf import patches
-from hiermoe_hf.tiny_families import CONFIG_MAPPING_NAMES, E, IMAGE_TEXT, _small, model_class, tiny_family_config
-from test_families import FAMILIES, _config, _skip_missing
+from hiermoe_hf.tiny_families import CONFIG_MAPPING_NAMES, IMAGE_TEXT, E, _small, model_class, tiny_family_config
 
 
 def _meta(config):
