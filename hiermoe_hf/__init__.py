@@ -7,14 +7,14 @@
 The package map is docs/architecture.md.
 """
 
+from hiermoe_hf.api import patch, unpatch
 from hiermoe_hf.checkpoint.load import from_pretrained
 from hiermoe_hf.config import HierMoEConfig
-from hiermoe_hf.runtime.patch import patch, unpatch
+from hiermoe_hf.runtime.fsdp import shard_dense
 from hiermoe_hf.runtime.registry import is_patched
 from hiermoe_hf.runtime.stats import stats
 from hiermoe_hf.swap.round import swap_experts
 from hiermoe_hf.topology import Topology
-from hiermoe_hf.training.fsdp import shard_dense
 from hiermoe_hf.training.gradients import all_reduce_gradients
 
 __all__ = [

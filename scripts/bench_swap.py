@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiermoe_hf.cost import model as cm  # noqa: E402
 from hiermoe_hf.exchange import stage_rows as sr  # noqa: E402
+from hiermoe_hf.runtime.routing import RoutingStats  # noqa: E402
 from hiermoe_hf.swap import objective as sp  # noqa: E402
 from hiermoe_hf.swap import policies as swap_policies  # noqa: E402
-from hiermoe_hf.swap.window import RoutingStats  # noqa: E402
 from hiermoe_hf.topology import Topology, parse_levels  # noqa: E402
 
 POLICIES = ("none", "load", "hierd")

@@ -22,12 +22,12 @@ from transformers import AutoModelForCausalLM
 import hiermoe_hf
 from hiermoe_hf.checkpoint.rank_state import RankStateStore
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
+from hiermoe_hf.runtime.expert_grads import divide_expert_grads_by_world, keep_experts_out_of_ddp
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 from hiermoe_hf.swap.executor import execute_swaps
 from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qwen3_moe_config
 from hiermoe_hf.topology import Topology
 from hiermoe_hf.training import grad_clip
-from hiermoe_hf.training.ddp import divide_expert_grads_by_world, keep_experts_out_of_ddp
 from hiermoe_hf.training.expert_dp import ExpertGradSync
 from hiermoe_hf.training.traffic import TrafficMeter
 

@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hiermoe_hf
 from hiermoe_hf.exchange import experts as experts_mod
+from hiermoe_hf.exchange.devices import choose_comm_device, fsdp2_device_map
 from hiermoe_hf.kernels import TORCH_OPS, reference, triton_combine, triton_layout, triton_pack, triton_rows
-from hiermoe_hf.runtime.devices import choose_comm_device, fsdp2_device_map
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
 KERNELS = {

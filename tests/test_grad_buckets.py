@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hiermoe_hf
+from hiermoe_hf.runtime.expert_grads import expert_parameters
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 from hiermoe_hf.training import buckets
-from hiermoe_hf.training.expert_dp import expert_parameters
 
 BUCKET = 4096  # bytes; the model's gradients are many times this
 

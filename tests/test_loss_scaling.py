@@ -20,7 +20,7 @@ INIT_SCALE = 256.0
 
 def _poison(model, where: str) -> None:
     """Put an inf into this rank's first expert gradient (rank-local) or a dense one (averaged later)."""
-    from hiermoe_hf.training.gradients import expert_parameters
+    from hiermoe_hf.runtime.expert_grads import expert_parameters
 
     p = expert_parameters(model)[0] if where == "expert" else model.get_output_embeddings().weight
     p.grad.view(-1)[3] = float("inf")

@@ -21,8 +21,8 @@ from torch.distributed.tensor import DTensor
 import hiermoe_hf
 from hiermoe_hf.cost import memory
 from hiermoe_hf.cost import planner as planner_cli
+from hiermoe_hf.runtime.expert_grads import expert_parameters
 from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qwen3_moe_config
-from hiermoe_hf.training.gradients import expert_parameters
 
 CONFIGS = {"qwen3_moe": tiny_qwen3_moe_config, "deepseek_v3": tiny_deepseek_v3_config}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 import hiermoe_hf
-from hiermoe_hf.swap.window import RoutingStats, gather_windows
+from hiermoe_hf.runtime.routing import RoutingStats
+from hiermoe_hf.swap.window import gather_windows
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
 

@@ -34,12 +34,13 @@ from hiermoe_hf import patches
 from hiermoe_hf.checkpoint.hub import resolve_on_all_ranks
 from hiermoe_hf.checkpoint.keys import ForwardConversion, HubTensor, conversions, hub_layout, hub_views
 from hiermoe_hf.checkpoint.quantized import QuantizedFormat, take_quantization
+from hiermoe_hf.checkpoint.save import bind_collective_save
 from hiermoe_hf.config import HierMoEConfig
-from hiermoe_hf.runtime.devices import comm_device, fsdp2_device_map
+from hiermoe_hf.exchange.devices import comm_device, fsdp2_device_map
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
+from hiermoe_hf.runtime.fsdp import fully_shard_dense
 from hiermoe_hf.runtime.patch import patch_experts
 from hiermoe_hf.runtime.registry import world as _world
-from hiermoe_hf.training.fsdp import fully_shard_dense
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 _UNSUPPORTED_KWARGS = (
@@ -108,7 +109,9 @@ def from_pretrained(
     if not fsdp2:
         model.__class__ = base  # the subclass only existed to swap the loading step (FSDP2: done before)
     model.config.name_or_path = os.fspath(name_or_path)  # as given (a repo id, not its cache folder)
-    return patch_experts(model, cfg, experts_are_local=True)  # the loader read only this rank's experts
+    model = patch_experts(model, cfg, experts_are_local=True)  # the loader read only this rank's experts
+    bind_collective_save(model)
+    return model
 
 
 def _model_class(config) -> type:

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import traceback
+import types
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ from hiermoe_hf.checkpoint import safetensors_layout
 from hiermoe_hf.checkpoint.atomic_folder import partial_folder, publish
 from hiermoe_hf.checkpoint.keys import check_complete, conversions, experts_to_hub, hub_layout
 from hiermoe_hf.exchange import bounded
-from hiermoe_hf.runtime.devices import comm_device as comm_device_of
+from hiermoe_hf.exchange.devices import comm_device as comm_device_of
 from hiermoe_hf.runtime.registry import LAYER_ATTR, moe_layers, runtime_of
 
 GATHER_BYTES = 64 * 2**20  # bytes moved to rank 0 per round; bounds rank 0's extra memory during a save
@@ -72,6 +73,13 @@ class Entry:
     pieces: tuple[Piece, ...]
     storage_id: object  # tensors sharing storage in the unpatched model share a shard (as in plain saves)
     storage_nbytes: int
+
+
+
+def bind_collective_save(model: torch.nn.Module) -> None:
+    """Make ``model.save_pretrained`` this module's collective save (on the instance; ``unpatch``
+    removes it). ``hiermoe_hf.patch`` and ``hiermoe_hf.from_pretrained`` call it."""
+    model.save_pretrained = types.MethodType(save_pretrained, model)  # collective, logical expert order
 
 
 def save_pretrained(

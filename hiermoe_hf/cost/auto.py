@@ -10,12 +10,14 @@ forward calls ``exchange_counts`` directly; ``pick_strategy`` is the same choice
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from hiermoe_hf.cost import model as cm
-from hiermoe_hf.exchange.layer_counts import exchange_counts, price
+from hiermoe_hf.cost.pricing import forward_exchange_seconds
+from hiermoe_hf.exchange.layer_counts import exchange_counts, split_global
 from hiermoe_hf.topology import Topology
 
 
@@ -34,7 +36,7 @@ def predicted_ms(
     topology: Topology, counts: dict[str, list[torch.Tensor]], row_bytes: int, model: cm.CostModel
 ) -> dict[str, float]:
     """Predicted ms of one layer's forward exchange (dispatch + combine) per candidate, from global
-    counts (``exchange.layer_counts.price``, the function the patched forward uses)."""
+    counts (``price``, the function the patched forward uses)."""
     return dict(zip(counts, price(topology, counts, row_bytes, model).tolist()))
 
 
@@ -70,5 +72,38 @@ def pick_strategy(
     names = tuple(candidates)
     if len(names) == 1:
         names = names + names  # price even a single candidate (the result reports its time)
-    counts = exchange_counts(topology, group, rank, names, dest_rank_TK, row_bytes, model)
+    counts = exchange_counts(topology, group, rank, Priced(names, model), dest_rank_TK, row_bytes)
     return counts.strategy, dict(zip(names, counts.predicted_ms.tolist()))
+
+
+def price(topology: Topology, counts: dict[str, list[torch.Tensor]], row_bytes: int, cost_model) -> torch.Tensor:
+    """float64 [C]: predicted ms of one layer's forward exchange per candidate, in ``counts``' order."""
+    return torch.stack(
+        [1e3 * forward_exchange_seconds(c, topology, name, row_bytes, cost_model) for name, c in counts.items()]
+    )
+
+
+@dataclass(frozen=True)
+class Priced:
+    """Choose the cheapest of ``candidates`` under ``cost_model`` (``dispatch="auto"`` with constants):
+    priced on the device from the global counts, ties to the earlier candidate."""
+
+    candidates: tuple[str, ...]
+    cost_model: object
+
+    @property
+    def counting(self) -> tuple[str, ...]:
+        return self.candidates
+
+    def extra(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+
+    def head(self, topology: Topology, global_CN: torch.Tensor, row_bytes: int):
+        """(int64 [1] index of the cheapest, float64 [C] predicted ms) from every chunk's global
+        counts (int64 [chunks, N], ``contribution``'s layout summed over ranks)."""
+        counts = split_global(topology, self.candidates, global_CN.sum(0))
+        predicted = price(topology, counts, row_bytes, self.cost_model)
+        return torch.argmin(predicted).view(1), predicted  # first minimum: ties go to the earlier one
+
+    def pick(self, head: int | None, summed_extra: list[int]) -> str:
+        return self.candidates[head]

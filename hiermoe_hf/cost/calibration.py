@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from hiermoe_hf.cost.model import CostModel, StageCost
 from hiermoe_hf.exchange.comm import StageGroups
-from hiermoe_hf.runtime.devices import comm_device
+from hiermoe_hf.exchange.devices import comm_device
 from hiermoe_hf.topology import Stage, Topology
 
 DEFAULT_SIZES = (16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
@@ -60,7 +60,7 @@ def fit_alpha_beta(nbytes: Sequence[float], seconds: Sequence[float]) -> StageCo
 
 
 def _default_device() -> torch.device:
-    return comm_device()  # the group's bound GPU under NCCL (runtime.devices), else the CPU
+    return comm_device()  # the group's bound GPU under NCCL (exchange.devices), else the CPU
 
 
 def _sync(device: torch.device) -> None:

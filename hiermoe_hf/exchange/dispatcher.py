@@ -99,7 +99,7 @@ def dispatch(
     """
     if counts is None:
         dest_TK = torch.where(phys_TK >= 0, phys_TK // plan.local_experts, -1)
-        counts = exchange_counts(plan.topology, plan.count_group, plan.rank, (plan.strategy,), dest_TK)
+        counts = exchange_counts(plan.topology, plan.count_group, plan.rank, plan.strategy, dest_TK)
     if counts.strategy != plan.strategy:
         raise ValueError(f"counts are for strategy {counts.strategy!r} but the plan runs {plan.strategy!r}")
     x, ids, w = x_TH, phys_TK, w_TK

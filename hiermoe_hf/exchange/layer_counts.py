@@ -6,7 +6,7 @@ never merged, so these contributions add up exactly), plus how many of its selec
 rank. One ``all_reduce`` of that int64 vector gives every rank the global counts, and ONE host read
 brings back the choice and the split sizes of all stages together. Nothing else on the layer's path
 reads the device. The choice is one of three (``exchange_chunk_counts``' ``choice``): ``Fixed``;
-``Priced`` (``auto`` with a cost model: the candidates priced on the device by
+``cost.auto.Priced`` (``auto`` with a cost model: the candidates priced on the device by
 ``pricing.forward_exchange_seconds``, identical float arithmetic on identical inputs, ``argmin``
 breaking ties towards the earlier candidate); ``cost.trials.LayerTrial`` (``auto`` without
 one, or ``overlap_chunks="auto"``: the previous forward's timing rides in extra slots of the same
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hiermoe_hf.cost.pricing import forward_exchange_seconds
 from hiermoe_hf.exchange import bounded
 from hiermoe_hf.exchange.bounded import DEFAULT_TIMEOUT_S
 from hiermoe_hf.exchange.stage_rows import count_cells, stage_cells
@@ -81,13 +80,6 @@ def split_global(topology: Topology, candidates: tuple[str, ...], flat: torch.Te
     return out
 
 
-def price(topology: Topology, counts: dict[str, list[torch.Tensor]], row_bytes: int, cost_model) -> torch.Tensor:
-    """float64 [C]: predicted ms of one layer's forward exchange per candidate, in ``counts``' order."""
-    return torch.stack(
-        [1e3 * forward_exchange_seconds(c, topology, name, row_bytes, cost_model) for name, c in counts.items()]
-    )
-
-
 def _splits(topology: Topology, rank: int, name: str, host: list[int], offset: int) -> tuple[StageSplits, ...]:
     """Read this rank's send/recv split sizes of every stage of ``name`` out of the host list."""
     W, out, pos = topology.world_size, [], offset
@@ -125,32 +117,6 @@ class Fixed:
         return self.strategy
 
 
-@dataclass(frozen=True)
-class Priced:
-    """Choose the cheapest of ``candidates`` under ``cost_model`` (``dispatch="auto"`` with constants):
-    priced on the device from the global counts, ties to the earlier candidate."""
-
-    candidates: tuple[str, ...]
-    cost_model: object
-
-    @property
-    def counting(self) -> tuple[str, ...]:
-        return self.candidates
-
-    def extra(self, device: torch.device) -> torch.Tensor:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-
-    def head(self, topology: Topology, global_CN: torch.Tensor, row_bytes: int):
-        """(int64 [1] index of the cheapest, float64 [C] predicted ms) from every chunk's global
-        counts (int64 [chunks, N], ``contribution``'s layout summed over ranks)."""
-        counts = split_global(topology, self.candidates, global_CN.sum(0))
-        predicted = price(topology, counts, row_bytes, self.cost_model)
-        return torch.argmin(predicted).view(1), predicted  # first minimum: ties go to the earlier one
-
-    def pick(self, head: int | None, summed_extra: list[int]) -> str:
-        return self.candidates[head]
-
-
 def merged(chunk_counts: list[LayerCounts]) -> LayerCounts:
     """One unchunked layer's counts from its chunks' (a timed chunk decision counts in several chunks
     before it knows that 1 wins): rows of different tokens are never merged, so every split size,
@@ -178,14 +144,14 @@ def exchange_counts(
     topology: Topology,
     group,
     rank: int,
-    candidates: tuple[str, ...],
+    choice,
     dest_TK: torch.Tensor,
     row_bytes: int = 0,
-    cost_model=None,
 ) -> LayerCounts:
     """The layer's one collective (``all_reduce`` in ``group``, the whole expert-parallel group; None
-    for a single rank) and one host read. With several candidates, ``cost_model`` prices them."""
-    choice = Priced(tuple(candidates), cost_model) if len(candidates) > 1 else Fixed(candidates[0])
+    for a single rank) and one host read. ``choice``: a strategy name (``Fixed``) or a choice object
+    (``cost.auto.Priced``, ``cost.trials``' per-layer view)."""
+    choice = Fixed(choice) if isinstance(choice, str) else choice
     return exchange_chunk_counts(topology, group, rank, choice, [dest_TK], row_bytes)[0]
 
 

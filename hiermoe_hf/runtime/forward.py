@@ -6,10 +6,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from hiermoe_hf.cost.auto import Priced
 from hiermoe_hf.exchange.comm import meta_row_bytes, whole_group
 from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch, stage_stats
 from hiermoe_hf.exchange.experts import local_experts_forward
-from hiermoe_hf.exchange.layer_counts import Fixed, LayerCounts, Priced, exchange_chunk_counts, merged
+from hiermoe_hf.exchange.layer_counts import Fixed, LayerCounts, exchange_chunk_counts, merged
 from hiermoe_hf.exchange.pipeline import pipelined_layer
 from hiermoe_hf.kernels import select_ops
 from hiermoe_hf.runtime import guards

@@ -105,7 +105,7 @@ def refuse_adapted_experts(experts: torch.nn.Module, name: str) -> None:
 def check_forward(experts, layer, topk_ids_TK: torch.Tensor) -> None:
     """What the patched forward checks on every call (cheap: dict look-ups and one small reduction),
     and the 1/W gradient hook for an expert slice unfrozen after ``patch``."""
-    from hiermoe_hf.training.ddp import scale_grad_by_world
+    from hiermoe_hf.runtime.expert_grads import scale_grad_by_world
 
     if "parametrizations" in experts._modules:  # PEFT's target_parameters adapts experts only during its forward
         refuse_adapted_experts(experts, layer.name)

@@ -1,4 +1,8 @@
-"""``patch`` / ``unpatch``: act on one model instance, never on Transformers' classes."""
+"""``patch_experts`` / ``unpatch``: act on one model instance, never on Transformers' classes.
+
+The public ``hiermoe_hf.patch`` (``hiermoe_hf/api.py``) is ``patch_experts`` plus the collective
+``save_pretrained`` of ``checkpoint/save.py``, bound on the instance.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_hf import patches
-from hiermoe_hf.checkpoint.save import save_pretrained
 from hiermoe_hf.config import HierMoEConfig, naming_env
 from hiermoe_hf.cost.calibration import PATCH_CALIBRATION, calibrate_at_patch
 from hiermoe_hf.cost.model import load_cost_model
@@ -17,13 +20,12 @@ from hiermoe_hf.cost.trials import StrategyTrials, chunk_candidates, trial_candi
 from hiermoe_hf.exchange.bounded import resolve_timeout
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
-from hiermoe_hf.runtime import generate, guards, registry
+from hiermoe_hf.runtime import expert_grads, generate, guards, registry
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
 from hiermoe_hf.runtime.forward import experts_forward
 from hiermoe_hf.runtime.registry import LAYER_ATTR, STATE_ATTR, is_patched, moe_layers, runtime_of, world
 from hiermoe_hf.runtime.state import LayerState, Runtime
 from hiermoe_hf.topology import Topology, parse_levels
-from hiermoe_hf.training import ddp
 
 
 def _shard(experts: torch.nn.Module, names: tuple[str, ...], local_ids: torch.Tensor) -> None:
@@ -34,23 +36,8 @@ def _shard(experts: torch.nn.Module, names: tuple[str, ...], local_ids: torch.Te
         setattr(experts, name, torch.nn.Parameter(local, requires_grad=full.requires_grad))
 
 
-def patch(model: torch.nn.Module, config: HierMoEConfig | None = None) -> torch.nn.Module:
-    """Shard the routed experts over the default process group and route tokens hierarchically.
-
-    With ``config.ep_size`` smaller than the world, the experts are sharded over each expert-parallel
-    group of ep_size consecutive ranks and replicated across the W / ep_size groups
-    (``runtime/ep_layout.py``). Collective: every rank calls it with the same model and config.
-    Patching again with the same config (or none) is a no-op; with a different config it raises.
-    Create the optimizer afterwards (expert parameters are replaced by their local slices). ``model``
-    may be a PEFT model (its base model is patched, PEFT's own ``save_pretrained`` stays). Wrap the
-    result in DDP afterwards: the expert slices are already on DDP's ignore list and their gradients
-    scaled by 1/W (section 6).
-    """
-    return patch_experts(model, config, experts_are_local=False)
-
-
 def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_are_local: bool) -> torch.nn.Module:
-    """``patch``; ``experts_are_local``: the experts modules already hold only this rank's slots
+    """``hiermoe_hf.patch`` without the collective save (``hiermoe_hf/api.py`` binds it); ``experts_are_local``: the experts modules already hold only this rank's slots
     (``hiermoe_hf.from_pretrained`` loaded them so), in the contiguous placement."""
     if config is not None and not isinstance(config, HierMoEConfig):
         raise TypeError(f"config must be a hiermoe_hf.HierMoEConfig, got {type(config).__name__}")
@@ -89,12 +76,11 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
             # work beside the routed experts (shared experts) runs while the routed tokens travel
             block.forward = types.MethodType(_block_forward(hooks), block)
     setattr(model, STATE_ATTR, runtime)
-    model.save_pretrained = types.MethodType(save_pretrained, model)  # collective, logical expert order
     if layout.world_size > 1:
         # Section 6 under any wrapper built later: DDP leaves the slices alone, their grads get 1/W
         # (W: the whole world; replicas of a smaller expert-parallel group are summed by expert_dp).
-        ddp.keep_experts_out_of_ddp(model)
-        ddp.divide_expert_grads_by_world(model)
+        expert_grads.keep_experts_out_of_ddp(model)
+        expert_grads.divide_expert_grads_by_world(model)
     if world_size > 1:  # the forward has collectives: every rank must keep calling it in generate
         generate.install_synced_generate(model)
     return outer
@@ -215,7 +201,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """
     rt = runtime_of(model)
     outer, model = model, registry.unwrap(model)
-    ddp.release(model)
+    expert_grads.release(model)
     generate.remove_synced_generate(model)
     for _, (experts, layer) in moe_layers(model).items():
         _remove_block_forward(model.get_submodule(layer.name))

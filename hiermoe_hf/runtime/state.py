@@ -14,7 +14,7 @@ from hiermoe_hf.exchange.bounded import DEFAULT_TIMEOUT_S
 from hiermoe_hf.exchange.comm import StageGroups
 from hiermoe_hf.placement import Placement
 from hiermoe_hf.runtime.ep_layout import EPLayout
-from hiermoe_hf.swap.window import RoutingStats
+from hiermoe_hf.runtime.routing import RoutingStats
 from hiermoe_hf.topology import Topology
 
 

@@ -31,17 +31,21 @@ import torch.distributed as dist
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
+from hiermoe_hf.api import patch
 from hiermoe_hf.checkpoint.manifest import new_save_id
 from hiermoe_hf.checkpoint.rank_state import RankStateStore
 from hiermoe_hf.config import HierMoEConfig, naming_env
 from hiermoe_hf.runtime.ep_layout import EPLayout, group_topology
-from hiermoe_hf.runtime.patch import patch
+from hiermoe_hf.runtime.expert_grads import (
+    divide_expert_grads_by_world,
+    expert_parameter_names,
+    keep_experts_out_of_ddp,
+)
+from hiermoe_hf.runtime.fsdp import dense_sharding_from_env, is_sharded, shard_dense_repointing
 from hiermoe_hf.runtime.registry import is_patched, runtime_of
 from hiermoe_hf.topology import Topology, levels_from_launcher, parse_levels
 from hiermoe_hf.training import grad_clip
-from hiermoe_hf.training.ddp import divide_expert_grads_by_world, expert_parameter_names, keep_experts_out_of_ddp
 from hiermoe_hf.training.expert_dp import ExpertGradSync
-from hiermoe_hf.training.fsdp import dense_sharding_from_env, is_sharded, shard_dense_repointing
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.safe_save import crash_safe_save_state
 from hiermoe_hf.training.step_hook import after_optimizer_step

@@ -18,16 +18,9 @@ import torch
 import torch.distributed as dist
 
 from hiermoe_hf.cost.pricing import ring_allreduce_bytes
-from hiermoe_hf.runtime.registry import moe_layers, runtime_of, unwrap
+from hiermoe_hf.runtime.expert_grads import expert_parameters
+from hiermoe_hf.runtime.registry import runtime_of, unwrap
 from hiermoe_hf.training.buckets import all_reduce_bucketed
-
-
-def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The rank-local expert parameters of a patched model."""
-    params = []
-    for experts, layer in moe_layers(model).values():
-        params += [getattr(experts, n) for n in layer.param_names]
-    return params
 
 
 def allreduce_bytes_per_rank(model: torch.nn.Module) -> float:

@@ -18,9 +18,9 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from hiermoe_hf.runtime.expert_grads import expert_parameters
+from hiermoe_hf.runtime.fsdp import is_sharded, local_view
 from hiermoe_hf.runtime.registry import runtime_of
-from hiermoe_hf.training.fsdp import is_sharded, local_view
-from hiermoe_hf.training.gradients import expert_parameters
 
 
 def clip_grad_norm_(

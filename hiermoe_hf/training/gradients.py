@@ -6,12 +6,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from hiermoe_hf.runtime.expert_grads import expert_parameters
 from hiermoe_hf.runtime.registry import runtime_of
 from hiermoe_hf.training import buckets as buckets_module
 from hiermoe_hf.training.buckets import all_reduce_bucketed
-from hiermoe_hf.training.expert_dp import expert_parameters, sync_expert_grads
+from hiermoe_hf.training.expert_dp import sync_expert_grads
+from hiermoe_hf.training.loss_scaling import local_grad, nonfinite_flag, spread_flag
 
-__all__ = ["all_reduce_gradients", "expert_parameters"]
+__all__ = ["all_reduce_gradients"]
 
 
 def all_reduce_gradients(model: torch.nn.Module) -> None:
@@ -27,8 +29,6 @@ def all_reduce_gradients(model: torch.nn.Module) -> None:
     all-reduce), so a ``torch.amp.GradScaler`` skips the step on all ranks alike. The all-reduces go in
     buckets of at most ``training.buckets.BUCKET_BYTES`` (transient memory bounded, not the model's).
     """
-    from hiermoe_hf.training.loss_scaling import local_grad, nonfinite_flag, spread_flag
-
     world = runtime_of(model).global_world_size
     if world == 1:
         return

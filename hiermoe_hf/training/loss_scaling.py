@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from hiermoe_hf.runtime.expert_grads import expert_parameters
 from hiermoe_hf.runtime.registry import runtime_of
-from hiermoe_hf.training.gradients import expert_parameters
 
 _WRAPPED = "_hiermoe_agrees_on_nonfinite"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from hiermoe_hf.training.ddp import divide_expert_grads_by_world
+from hiermoe_hf.runtime.expert_grads import divide_expert_grads_by_world
 from hiermoe_hf.training.traffic import TrafficMeter, summarize
 
 

@@ -35,21 +35,17 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
+from hiermoe_hf.api import patch
 from hiermoe_hf.checkpoint.rank_state import RankStateStore
 from hiermoe_hf.config import HierMoEConfig
-from hiermoe_hf.runtime.patch import patch
+from hiermoe_hf.runtime.expert_grads import divide_expert_grads_by_world, keep_experts_out_of_ddp
+from hiermoe_hf.runtime.fsdp import shard_dense
 from hiermoe_hf.runtime.registry import is_patched, patched_module, runtime_of
 from hiermoe_hf.runtime.registry import world as world_and_rank
 from hiermoe_hf.training import grad_clip
 from hiermoe_hf.training.accelerate_plugin import HierMoEPlugin
-from hiermoe_hf.training.ddp import (
-    broadcast_dense_state,
-    dense_requires_grad,
-    divide_expert_grads_by_world,
-    keep_experts_out_of_ddp,
-)
+from hiermoe_hf.training.ddp import broadcast_dense_state, dense_requires_grad
 from hiermoe_hf.training.expert_dp import ExpertGradSync
-from hiermoe_hf.training.fsdp import shard_dense
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.step_hook import after_optimizer_step
 from hiermoe_hf.training.traffic import TrafficMeter

@@ -22,8 +22,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from hiermoe_hf.runtime.expert_grads import expert_parameters
 from hiermoe_hf.runtime.registry import runtime_of, unwrap
-from hiermoe_hf.training.gradients import expert_parameters
 
 DENSE_SHARDINGS = ("ddp", "fsdp2")
 
