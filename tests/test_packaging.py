@@ -30,3 +30,27 @@ def test_regular_install_ships_patches(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith(str(target)), lines
     assert lines[1] == "['hiermoe_hf.patches.deepseek_v3']"
+
+
+def _folder_imports(package: Path) -> dict[str, set[str]]:
+    """Folder (or top-level module) of hiermoe_hf -> the folders it imports, lazy imports included."""
+    import re
+
+    out: dict[str, set[str]] = {}
+    pattern = re.compile(r"^\s*(?:from|import)\s+hiermoe_hf\.(\w+)", re.M)
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package)
+        if rel.parts[0] == "patches":
+            continue  # the symlinked adapters folder
+        me = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        for target in pattern.findall(path.read_text()):
+            if target != me:
+                out.setdefault(me, set()).add(target)
+    return out
+
+
+def test_no_two_folders_import_each_other():
+    """docs/architecture.md "Layering": imports go one way between any two folders."""
+    edges = _folder_imports(Path(hiermoe_hf.__file__).parent)
+    both_ways = sorted({tuple(sorted((a, b))) for a, to in edges.items() for b in to if a in edges.get(b, ())})
+    assert both_ways == [], both_ways
