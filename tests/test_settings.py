@@ -36,7 +36,7 @@ def test_every_entry_point_takes_argument_then_environment_then_default(clean_en
     from hiermoe_hf.trainer import HierMoECallback
 
     defaults = _settings(hiermoe_hf.HierMoEConfig())
-    assert defaults == {"dispatch": "auto", "swap_interval": 0, "swap_policy": "hierd", "overlap_chunks": 1,
+    assert defaults == {"dispatch": "auto", "swap_interval": 0, "swap_policy": "hierd", "overlap_chunks": "auto",
                         "kernels": "auto"}
     for name, value in ENV.items():
         clean_env.setenv(name, value)
