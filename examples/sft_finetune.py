@@ -60,6 +60,7 @@ def sft_config(args: argparse.Namespace, **overrides):
         logging_steps=max(1, args.max_steps // 10), save_strategy="steps", save_steps=args.max_steps,
         report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True, seed=args.seed,
         max_length=args.seq_len, dataset_text_field="text",
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default bf16 would autocast on CPU
     )
     kwargs.update(overrides)
     return SFTConfig(**kwargs)

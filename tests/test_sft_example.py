@@ -34,7 +34,9 @@ def sft_job(output_dir, hiermoe: bool):
     args = sft_finetune.parse_args(["--output-dir", output_dir, "--max-steps", str(STEPS), "--batch-size", "2",
                                     "--seq-len", "48", "--max-grad-norm", str(MAX_NORM), "--lr", "1e-2"])
     # No aux loss: a per-rank aux term is not what single-process training computes (test_trainer_callback).
-    config = sft_finetune.sft_config(args, logging_steps=1, save_strategy="no", report_to=[],
+    # bf16=False: TRL's SFTConfig defaults to bf16, i.e. CPU autocast here; the exactness claim is fp32's
+    # (under bf16 both runs differ from each other by bf16 summation order, ~1e-4, docs/mixed_precision.md).
+    config = sft_finetune.sft_config(args, logging_steps=1, save_strategy="no", report_to=[], bf16=False,
                                      lr_scheduler_type="linear", warmup_steps=0, router_aux_loss_coef=0.0)
     model = build_model(tiny_qwen3_moe_config(output_router_logits=False)).train()
     dataset = datasets.Dataset.from_dict({"text": builtin_corpus()[:64]})
@@ -60,13 +62,8 @@ def test_sft_trainer_logs_the_hiermoe_metrics_and_the_global_grad_norm(runs):
         assert h["hiermoe/step"] == h["step"] and h["hiermoe/strategy/hd2"] > 0 and h["hiermoe/tokens"] > 0
     assert not any(k.startswith("hiermoe/") for h in want for k in h)
     assert got[-1]["grad_norm"] == pytest.approx(last_norm, rel=1e-6)  # what the clip used: the global norm
-    assert got[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-3)  # the same run (exactness: next test)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open finding (issue 20): under SFTTrainer the first logged loss differs from plain DDP by ~1e-4 relative "
-    "(grad norm ~6e-4), although the first batch's forward and compute_loss before train() are bit-identical in "
-    "both; the same with the callback before issue 20 and without gradient checkpointing; not root-caused"))
 def test_sft_trainer_losses_and_grad_norms_equal_plain_ddp(runs):
     (got, _), (want, _) = runs
     assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-5)
