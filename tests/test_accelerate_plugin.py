@@ -55,7 +55,8 @@ def _fresh_accelerator(**kwargs):
     return Accelerator(cpu=True, **kwargs)
 
 
-def train_job(kind, plugin_kw, steps=STEPS, accum=1, save_at=None, save_dir=None, resume_dir=None, start=0):
+def train_job(kind, plugin_kw, steps=STEPS, accum=1, save_at=None, save_dir=None, resume_dir=None, start=0,
+              experts_only=False):
     """One rank of an Accelerate run with HierMoEPlugin; returns (losses, clip norms, placements, metrics)."""
     import torch.distributed as dist
 
@@ -67,6 +68,8 @@ def train_job(kind, plugin_kw, steps=STEPS, accum=1, save_at=None, save_dir=None
     logged = []  # what the plugin sends to the trackers, per optimizer step
     acc.log = lambda values, step=None, log_kwargs=None: logged.append((step, values))
     model = build_model(_config(kind), seed=0 if resume_dir is None else 7).train()  # resume: weights come from disk
+    if experts_only:
+        _train_only_routed_experts(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)  # made before patching: prepare re-points it
     plugin = HierMoEPlugin(**plugin_kw)
     model, opt = plugin.prepare(acc, model, opt)
@@ -113,9 +116,17 @@ def _fingerprint(model, optimizer) -> dict:
     return out
 
 
-def reference(kind, world, steps=STEPS, accum=1):
+def _train_only_routed_experts(model) -> None:
+    """The MoE fine-tuning recipe that freezes everything but the routed experts."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(".experts." in name)
+
+
+def reference(kind, world, steps=STEPS, accum=1, experts_only=False):
     """Single process, unpatched: every rank's micro-batches, loss averaged over them."""
     model = build_model(_config(kind)).train()
+    if experts_only:
+        _train_only_routed_experts(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, norms = [], []
     for step in range(steps):
@@ -169,6 +180,16 @@ def test_plugin_training_equals_single_process(ranks, world, kind, plugin_kw, ac
     logged = results[0][5]
     assert [step for step, _ in logged] == list(range(1, STEPS + 1)), "one tracker log per optimizer step"
     assert logged[-1][1] == metrics
+
+
+def test_plugin_trains_only_the_routed_experts_exactly(ranks):
+    """Every dense parameter frozen: DDP would refuse the model (no gradient to average); the plugin
+    registers it unwrapped, with rank 0's dense state, and trains like one process."""
+    results = ranks(4).run(train_job, "qwen", dict(topology="2x2", dispatch="hd2"), experts_only=True)
+    want_losses, want_norms = reference("qwen", 4, experts_only=True)
+    _assert_close(_rank_mean(results, 0), want_losses, "loss per step")
+    for r, res in enumerate(results):
+        _assert_close(res[1], want_norms, f"clip norm on rank {r}")
 
 
 # The "load" policy swaps whenever that lowers the busiest rank's load, so swaps surely happen on a

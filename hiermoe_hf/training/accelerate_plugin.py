@@ -45,6 +45,7 @@ from hiermoe_hf.runtime.fsdp import dense_sharding_from_env, is_sharded, shard_d
 from hiermoe_hf.runtime.registry import is_patched, runtime_of
 from hiermoe_hf.topology import Topology, levels_from_launcher, parse_levels
 from hiermoe_hf.training import grad_clip
+from hiermoe_hf.training.ddp import broadcast_dense_state, dense_requires_grad
 from hiermoe_hf.training.expert_dp import ExpertGradSync
 from hiermoe_hf.training.loss_scaling import agree_before_unscale
 from hiermoe_hf.training.safe_save import crash_safe_save_state
@@ -216,15 +217,19 @@ class HierMoEPlugin:
             for opt in optimizers:
                 _repoint(opt, replaced)
         fsdp2 = self.dense_sharding == "fsdp2" and world > 1
+        self._experts_only = world > 1 and not fsdp2 and not dense_requires_grad(model)
         if fsdp2:
             shard_dense_repointing(model, optimizers)
         elif world > 1:
             keep_experts_out_of_ddp(model)
+        if self._experts_only:  # DDP would refuse a model with no dense gradient: do what its constructor does
+            broadcast_dense_state(model)
         if world > 1:
             divide_expert_grads_by_world(model)
         self._expert_sync = ExpertGradSync(model)  # replicas of the expert-parallel group (ep_size < W)
-        if fsdp2:  # Accelerate would wrap the sharded model in DDP (it refuses DTensors): register it unwrapped
-            prepared = _prepare_without_ddp(accelerator, model, objects, prepare_kwargs)
+        if fsdp2 or self._experts_only:  # Accelerate would wrap the model in DDP: register it unwrapped
+            # FSDP2 placed the shards already; an experts-only model moves to the accelerator's device as usual
+            prepared = _prepare_without_ddp(accelerator, model, objects, prepare_kwargs, place=not fsdp2)
         else:
             prepared = accelerator.prepare(*objects, **prepare_kwargs)
         as_tuple = prepared if isinstance(prepared, tuple) else (prepared,)
@@ -262,7 +267,7 @@ class HierMoEPlugin:
         self._store = RankStateStore(model, self.optimizer)
         if self.optimizer is not None:
             # Expert grads summed over the replicas before the step (if the clip has not done it).
-            self.optimizer.register_step_pre_hook(lambda *_: self._expert_sync())
+            self.optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step())
             # Fires only when the wrapped optimizer really steps: not on accumulation micro-steps, not when
             # a GradScaler skips a step with inf/nan grads, which agree_before_unscale makes the same on all ranks.
             agree_before_unscale(optimizer.scaler, model)
@@ -279,6 +284,14 @@ class HierMoEPlugin:
         self.accelerator.unscale_gradients()
         self._expert_sync()  # the norm of the replica-summed expert grads, as the step will see them
         return grad_clip.clip_grad_norm_(parameters, max_norm, norm_type, model=self.model)
+
+    def _before_optimizer_step(self) -> None:
+        if self._experts_only and dense_requires_grad(self.model):
+            raise ValueError(
+                "HierMoEPlugin: a parameter outside the expert slices was unfrozen after prepare(); only expert "
+                "slices trained then, so no DDP wrapper averages dense gradients. Set requires_grad before prepare()"
+            )
+        self._expert_sync()
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.step += 1
@@ -310,9 +323,10 @@ class HierMoEPlugin:
         self.swaps_done = int(extra.get("swaps_done", 0))
 
 
-def _prepare_without_ddp(accelerator, model, objects, prepare_kwargs):
-    """``accelerator.prepare(*objects)`` with the (FSDP2-sharded) model registered but not wrapped."""
-    registered = accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
+def _prepare_without_ddp(accelerator, model, objects, prepare_kwargs, place: bool):
+    """``accelerator.prepare(*objects)`` with the model registered but not wrapped (FSDP2-sharded, or
+    only expert slices train); ``place``: move it to the accelerator's device."""
+    registered = accelerator.prepare_model(model, device_placement=None if place else False, evaluation_mode=True)
     rest = [o for o in objects if o is not model]
     others = accelerator.prepare(*rest, **prepare_kwargs) if rest else ()
     others = iter(others if isinstance(others, tuple) else (others,))
