@@ -25,6 +25,12 @@ from hiermoe_hf.training import grad_clip
 CONFIGS = {"qwen3_moe": tiny_qwen3_moe_config, "deepseek_v3": tiny_deepseek_v3_config}
 STEPS, B, L, LR, MAX_NORM = 5, 2, 9, 1e-2, 0.5
 
+def _routed(out):
+    """The routed output of a patched experts module: (routed, shared) when DeepSeek-V3's block hands it
+    the shared experts as side work (``overlap_chunks`` "auto" or > 1)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 
 def _micro(step: int, world: int, rank: int) -> torch.Tensor:
     ids = torch.randint(0, 256, (world * B, L), generator=torch.Generator().manual_seed(1000 + step))
@@ -113,7 +119,8 @@ def test_fsdp2_training_equals_single_process(ranks, tmp_path, kind, world, topo
         assert swaps > 0, "no swap happened: the test would prove nothing"
         assert set(full) == set(want_state)
         for name, want in want_state.items():
-            assert _rel(full[name], want) < 1e-5, (rank, name, _rel(full[name], want))
+            # parameters after AdamW steps: its first step turns ~4e-7 gradient noise into ~1e-5 (README)
+            assert _rel(full[name], want) < 5e-5, (rank, name, _rel(full[name], want))
         # Counted on the rank: (dense + experts) / W parameters, twice that in AdamW moments.
         assert abs(params / (total / world) - 1) < 0.10, (rank, params, total / world)
         assert abs(state / (2 * total / world) - 1) < 0.10, (rank, state, 2 * total / world)
@@ -261,7 +268,7 @@ def _rank_mixed_precision(kind):
     hiermoe_hf.shard_dense(model, mixed_precision=policy)
     dtypes = []
     for experts, _ in layers_of(model).values():
-        experts.register_forward_hook(lambda m, a, o: dtypes.append((a[0].dtype, o.dtype)))
+        experts.register_forward_hook(lambda m, a, o: dtypes.append((a[0].dtype, _routed(o).dtype)))
     got = model(ids, labels=ids)
     got.loss.backward()
     rows = [s for layer in hiermoe_hf.stats(model).values() for s in layer["stages"] if s["rows_sent"]]

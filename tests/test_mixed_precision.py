@@ -29,6 +29,12 @@ CONFIGS = {
     "deepseek_v3": lambda: tiny_deepseek_v3_config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2),
 }
 
+def _routed(out):
+    """The routed output of a patched experts module: (routed, shared) when DeepSeek-V3's block hands it
+    the shared experts as side work (``overlap_chunks`` "auto" or > 1)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 
 def _eager_in_order(descending: bool):
     """Transformers' eager experts loop, experts visited in ascending or descending id order."""
@@ -57,7 +63,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _run(model, x, amp: bool, block_dtypes: list):
     for experts, _ in moe_layers(model).values() if hiermoe_hf.is_patched(model) else []:
-        experts.register_forward_hook(lambda m, a, o: block_dtypes.append(o.dtype))
+        experts.register_forward_hook(lambda m, a, o: block_dtypes.append(_routed(o).dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         return model(x, labels=x)
 
@@ -83,7 +89,7 @@ def _mode_case(kind, topology, dtype, amp) -> dict:
     model = hiermoe_hf.patch(build_model(CONFIGS[kind](), dtype=dtype), hiermoe_hf.HierMoEConfig(
         topology=topology, dispatch=dispatch))
     for name, (experts, _) in moe_layers(model).items():
-        experts.register_forward_hook(lambda m, a, o, name=name: calls.append((name, a, o.detach())))
+        experts.register_forward_hook(lambda m, a, o, name=name: calls.append((name, a, _routed(o).detach())))
     result = _run(model, ids[mine], amp, patched_dtypes)
     result.loss.backward()  # the backward runs under the same precision, grads in the parameters' dtype
     grads_ok = all(p.grad is None or (p.grad.dtype == p.dtype and bool(torch.isfinite(p.grad).all()))

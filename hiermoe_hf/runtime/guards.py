@@ -92,11 +92,13 @@ def patch_target(model: torch.nn.Module) -> torch.nn.Module:
     return inner
 
 
-def refuse_adapted_experts(experts: torch.nn.Module, name: str) -> None:
-    """ValueError when PEFT adapts the routed experts' parameters (``target_parameters``)."""
-    if hasattr(experts, "base_layer") or torch.nn.utils.parametrize.is_parametrized(experts):
+def refuse_adapted_experts(experts: torch.nn.Module, name: str, parent: torch.nn.Module | None = None) -> None:
+    """ValueError when PEFT adapts the routed experts' parameters (``target_parameters``): the experts
+    module is parametrized, is a PEFT layer (``base_layer``), or is the ``base_layer`` of ``parent``."""
+    wrapped = parent is not None and getattr(parent, "base_layer", None) is experts
+    if wrapped or hasattr(experts, "base_layer") or torch.nn.utils.parametrize.is_parametrized(experts):
         raise ValueError(
-            f"{name}.experts carries a PEFT adapter on the routed experts (target_parameters); its weights "
+            f"{name}: the routed experts carry a PEFT adapter (target_parameters); its weights "
             "would not follow the expert sharding and swaps, so hiermoe_hf refuses it: put LoRA on attention, "
             "shared experts or dense MLPs (target_modules), or unpatch the model first"
         )

@@ -63,7 +63,7 @@ def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_
         ep_group, replica_group, _trials(config, topology), resolve_timeout(config.collective_timeout_s),
     )
     for site, experts in sites:
-        guards.refuse_adapted_experts(experts, site.block_name)
+        guards.refuse_adapted_experts(experts, site.name, parent=model.get_submodule(site.block_name))
         _check_rows(site, experts, num_experts // world_size if experts_are_local else num_experts)
         layer = LayerState(site.block_name, runtime, Placement.contiguous(num_experts, world_size), site.param_names)
         if world_size > 1 and not experts_are_local:
