@@ -8,7 +8,7 @@ import torch
 from hiermoe_hf.checkpoint.save import bind_collective_save
 from hiermoe_hf.config import HierMoEConfig
 from hiermoe_hf.runtime.patch import patch_experts, unpatch
-from hiermoe_hf.runtime.registry import unwrap
+from hiermoe_hf.runtime.guards import patch_target
 
 __all__ = ["patch", "unpatch"]
 
@@ -26,5 +26,5 @@ def patch(model: torch.nn.Module, config: HierMoEConfig | None = None) -> torch.
     scaled by 1/W (section 6).
     """
     out = patch_experts(model, config, experts_are_local=False)
-    bind_collective_save(unwrap(out))
+    bind_collective_save(patch_target(model))  # the Transformers model: a PeftModel keeps PEFT's own save
     return out
