@@ -117,12 +117,9 @@ class Fixed:
         return self.strategy
 
 
-def merged(chunk_counts: list[LayerCounts]) -> LayerCounts:
-    """One unchunked layer's counts from its chunks' (a timed chunk decision counts in several chunks
-    before it knows that 1 wins): rows of different tokens are never merged, so every split size,
-    the arriving rows and the load add up over the chunks (host ints and one device add, no read)."""
-    first = chunk_counts[0]
-    splits = tuple(
+def summed_splits(chunk_counts: list[LayerCounts]) -> tuple[StageSplits, ...]:
+    """Every stage's split sizes summed over the chunks (host ints)."""
+    return tuple(
         StageSplits(
             parts[0].stage,
             [sum(col) for col in zip(*(p.send for p in parts))],
@@ -130,9 +127,16 @@ def merged(chunk_counts: list[LayerCounts]) -> LayerCounts:
         )
         for parts in zip(*(cc.splits for cc in chunk_counts))
     )
+
+
+def merged(chunk_counts: list[LayerCounts]) -> LayerCounts:
+    """One unchunked layer's counts from its chunks' (a timed chunk decision counts in several chunks
+    before it knows that 1 wins): rows of different tokens are never merged, so every split size,
+    the arriving rows and the load add up over the chunks (host ints and one device add, no read)."""
+    first = chunk_counts[0]
     return LayerCounts(
         strategy=first.strategy,
-        splits=splits,
+        splits=summed_splits(chunk_counts),
         arriving=sum(cc.arriving for cc in chunk_counts),
         load_per_rank=torch.stack([cc.load_per_rank for cc in chunk_counts]).sum(0),
         candidates=first.candidates,

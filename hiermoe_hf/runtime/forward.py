@@ -10,7 +10,14 @@ from hiermoe_hf.cost.auto import Priced
 from hiermoe_hf.exchange.comm import meta_row_bytes, whole_group
 from hiermoe_hf.exchange.dispatcher import ExchangePlan, combine, dispatch, stage_stats
 from hiermoe_hf.exchange.experts import local_experts_forward
-from hiermoe_hf.exchange.layer_counts import Fixed, LayerCounts, exchange_chunk_counts, merged
+from hiermoe_hf.exchange.layer_counts import (
+    Fixed,
+    LayerCounts,
+    StageSplits,
+    exchange_chunk_counts,
+    merged,
+    summed_splits,
+)
 from hiermoe_hf.exchange.pipeline import pipelined_layer
 from hiermoe_hf.kernels import select_ops
 from hiermoe_hf.runtime import guards
@@ -130,26 +137,15 @@ def run_layer(self, hidden_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_w_T
 
 
 @dataclass(frozen=True)
-class PlannedStage:
-    """One stage's split sizes summed over the chunks, as ``dispatcher.stage_stats`` reads a record."""
-
-    stage: object
-    send: list[int]
-    recv: list[int]
-
-
-@dataclass(frozen=True)
 class PlannedHandle:
-    records: tuple[PlannedStage, ...]
+    """What the pipeline's handle will report, as ``dispatcher.stage_stats`` reads a record."""
+
+    records: tuple[StageSplits, ...]
 
 
 def planned_handle(chunk_counts: list[LayerCounts]) -> PlannedHandle:
-    """What the pipeline's handle will report (every stage's splits summed over chunks), from the counts."""
-    stages = zip(*[cc.splits for cc in chunk_counts])
-    return PlannedHandle(tuple(
-        PlannedStage(ss[0].stage, [sum(v) for v in zip(*[s.send for s in ss])], [sum(v) for v in zip(*[s.recv for s in ss])])
-        for ss in stages
-    ))
+    """Every stage's splits summed over the chunks, from the counts (before the pipeline runs)."""
+    return PlannedHandle(summed_splits(chunk_counts))
 
 
 def _compute_dtype(hidden_TH: torch.Tensor) -> torch.dtype:
