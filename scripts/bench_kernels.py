@@ -13,8 +13,7 @@ GPU (default):  python scripts/bench_kernels.py [--out docs/bench_kernels_result
 CPU (``--small``): sets TRITON_INTERPRET=1, runs the same correctness phase on tiny sizes in
 Triton's interpreter, and times tiny sizes with a plain timer (numbers say nothing about a GPU).
 
-CPU (``--compile-only``): compiles every kernel variant for sm_90 (Triton front end, LLVM, ptxas)
-without a GPU, which catches errors that only the compiled path has.
+Compiling every kernel variant for real GPUs without one: ``scripts/aot_triton.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--small", action="store_true", help="tiny sizes in the Triton interpreter on CPU")
     ap.add_argument("--out", default=str(REPO / "docs" / "bench_kernels_results.md"), help="results file")
-    ap.add_argument("--compile-only", action="store_true", help="compile every kernel for sm_90, no GPU needed")
     ap.add_argument("--seed", type=int, default=None, help="default: fresh inputs every run")
     return ap.parse_args()
 
@@ -42,8 +40,6 @@ def parse_args() -> argparse.Namespace:
 ARGS = parse_args()
 if ARGS.small:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported: @triton.jit reads it
-elif ARGS.compile_only:
-    os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, even when run from the test suite
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -53,7 +49,7 @@ import triton.testing  # noqa: E402
 from hiermoe_hf.kernels import reference, select_ops  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON = None if ARGS.compile_only else select_ops("triton", DEVICE)
+TRITON = select_ops("triton", DEVICE)
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12, torch.float16: 1e-2}
 
 
@@ -204,64 +200,10 @@ def bench_case(c: dict, bench) -> list[tuple[str, float, float, float]]:
     return rows
 
 
-# ----------------------------------------------------------------------------- ahead-of-time compile
-
-
-def compile_all(arch: int = 90) -> int:
-    """Compile every kernel specialisation the launchers use, for CUDA ``arch``, without a GPU."""
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from hiermoe_hf.kernels import triton_combine, triton_layout, triton_pack, triton_rows
-
-    target = GPUTarget("cuda", arch, 32)
-    count = 0
-
-    def build(fn, types: dict, consts: dict) -> None:
-        nonlocal count
-        names = fn.arg_names
-        signature = {n: "constexpr" if n in consts else types[n] for n in names}
-        constexprs = {(names.index(n),): v for n, v in consts.items()}
-        triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=target)
-        count += 1
-
-    ints = dict.fromkeys(("R", "K", "divisor", "S", "P", "H", "Q", "num_rows"), "i32")
-    for dedup, write_mask, write_k in ((True, True, False), (False, True, False), (False, False, True)):
-        build(triton_layout._layout_count_kernel, ints | dict(dest_ptr="*i64", block_cnt_ptr="*i32"),
-              dict(DEDUP=dedup, BLOCK_R=128, BLOCK_S=32))
-        build(triton_layout._layout_write_kernel,
-              ints | dict(dest_ptr="*i64", block_base_ptr="*i64", src_row_ptr="*i64", src_k_ptr="*i64",
-                          mask_ptr="*u8" if write_mask else "*i64"),
-              dict(DEDUP=dedup, WRITE_MASK=write_mask, WRITE_K=write_k, BLOCK_R=128, BLOCK_S=32))
-    for dt in ("bf16", "fp16", "fp32", "fp64"):
-        acc = tl.float64 if dt == "fp64" else tl.float32
-        build(triton_rows._gather_rows_kernel, ints | dict(x_ptr=f"*{dt}", idx_ptr="*i64", out_ptr=f"*{dt}"),
-              dict(BLOCK_P=4, BLOCK_H=1024))
-        build(triton_pack._pack_route_kernel,
-              ints | dict(ids_ptr="*i64", w_ptr=f"*{dt}", idx_ptr="*i64", mask_ptr="*u8", ids_out_ptr="*i64",
-                          w_out_ptr=f"*{dt}"),
-              dict(BLOCK_P=512, BLOCK_K=8))
-        for has_w, has_mask in ((False, False), (True, False), (False, True)):
-            build(triton_rows._segment_sum_kernel,
-                  ints | dict(y_ptr=f"*{dt}", w_ptr=f"*{dt}", mask_ptr="*u8", order_ptr="*i64", start_ptr="*i64",
-                              out_ptr=f"*{dt}"),
-                  dict(HAS_W=has_w, HAS_MASK=has_mask, ACC=acc, BLOCK_R=4, BLOCK_H=1024))
-        for need_gy, need_gw in ((True, True), (True, False), (False, True)):
-            build(triton_combine._combine_bwd_kernel,
-                  ints | dict(g_ptr=f"*{dt}", y_ptr=f"*{dt}", w_ptr="*fp32", dst_ptr="*i64", gy_ptr=f"*{dt}",
-                              gw_ptr="*fp32"),
-                  dict(NEED_GY=need_gy, NEED_GW=need_gw, ACC=acc, BLOCK_Q=4, BLOCK_H=1024))
-    print(f"compiled {count} kernel variants for sm_{arch}")
-    return 0
-
-
 # ----------------------------------------------------------------------------- main
 
 
 def main() -> int:
-    if ARGS.compile_only:
-        return compile_all()
     small = ARGS.small
     device = torch.device("cpu" if small else "cuda")
     if not small and not torch.cuda.is_available():

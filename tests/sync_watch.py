@@ -18,8 +18,13 @@ the device except those it can prove are host tensors, and counts:
   dispatcher, so also inside autograd's built-in backward formulas.
 * ``sync.event``: CUDA event / stream / device synchronisation calls.
 
-Host tensors: the results of factory functions called without ``device=`` (``torch.arange(W)``),
-of ``torch.tensor`` on host data without ``device=``, and of ops whose tensor inputs are all host
+Apart from ``calls``, ``launches`` counts torch functions that would run on the device (a factory
+with ``device=``, any op with a device tensor among its inputs): kernel launches, roughly (one
+function may launch several), for comparing two paths' launch counts.
+
+Host tensors: the results of factory functions called without ``device=`` (``torch.arange(W)``)
+or with a host tensor's own ``.device`` (code that builds where its host data is), of
+``torch.tensor`` on host data without ``device=``, and of ops whose tensor inputs are all host
 tensors. Everything else (parameters, inputs, anything built with ``device=`` or ``*_like``) is a
 device tensor. Counting happens only while ``active`` (the caller opens windows); host marks are set
 whenever the watch is installed, so tensors cached on the host in a warm-up are still recognised.
@@ -45,6 +50,7 @@ READS = {
     torch.Tensor.__float__, torch.Tensor.__bool__, torch.Tensor.__index__,
 }
 MOVES = {torch.Tensor.to, torch.Tensor.cuda}
+DEVICE_OF = torch.Tensor.device.__get__
 # Ops that legitimately take host tensors next to device ones (CPU-side index lists).
 HOST_ARGS_OK = {torch.tensor_split, torch.Tensor.tensor_split}
 aten = torch.ops.aten
@@ -91,16 +97,16 @@ def _tensors(args, kwargs) -> list[torch.Tensor]:
     return flat
 
 
-def _move_target(args, kwargs) -> bool | None:
+def _move_target(watch: "SyncWatch", args, kwargs) -> bool | None:
     """For ``Tensor.to``: True if it names a device (a device, a string device or a device tensor),
-    False for a host tensor, None for a dtype-only cast."""
+    False for a host tensor or a host tensor's ``.device``, None for a dtype-only cast."""
     if "device" in kwargs and kwargs["device"] is not None:
-        return True
+        return not watch.is_host_device(kwargs["device"])
     for a in args[1:]:
         if isinstance(a, torch.Tensor):
             return not is_host(a)
         if isinstance(a, (torch.device, str, int)) and not isinstance(a, bool):
-            return True
+            return not watch.is_host_device(a)
     return None
 
 
@@ -112,6 +118,9 @@ class _Functions(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         w = self.watch
+        if func == DEVICE_OF:
+            out = func(*args, **kwargs)
+            return w.host_device(out) if is_host(args[0]) else out
         if func in READS:
             if not is_host(args[0]):
                 w.bump(f"read.{func.__name__}")
@@ -119,7 +128,9 @@ class _Functions(TorchFunctionMode):
                 return func(*args, **kwargs)
         if func in FACTORIES:
             out = func(*args, **kwargs)
-            on_device = kwargs.get("device") is not None
+            on_device = kwargs.get("device") is not None and not w.is_host_device(kwargs["device"])
+            if on_device:
+                w.launch()
             if on_device and func in FROM_HOST_DATA and (not args or not isinstance(args[0], torch.Tensor)
                                                         or is_host(args[0])):
                 w.bump("sync.h2d")
@@ -130,7 +141,7 @@ class _Functions(TorchFunctionMode):
         tensors = _tensors(args, kwargs)
         out = func(*args, **kwargs)
         if func in MOVES:
-            target = True if func is torch.Tensor.cuda else _move_target(args, kwargs)
+            target = True if func is torch.Tensor.cuda else _move_target(w, args, kwargs)
             if is_host(args[0]) and target:
                 w.bump("sync.h2d")
                 if out is args[0]:  # on CPU ``.to(cpu)`` is the tensor itself; on a GPU a new device tensor
@@ -146,8 +157,10 @@ class _Functions(TorchFunctionMode):
             host = [is_host(t) for t in tensors]
             if all(host):
                 _mark(out)
-            elif any(h and t.numel() > 1 for h, t in zip(host, tensors)) and func not in HOST_ARGS_OK:
-                w.bump(f"sync.mixed.{getattr(func, '__name__', func)}")
+            else:
+                w.launch()
+                if any(h and t.numel() > 1 for h, t in zip(host, tensors)) and func not in HOST_ARGS_OK:
+                    w.bump(f"sync.mixed.{getattr(func, '__name__', func)}")
         return out
 
 
@@ -181,6 +194,8 @@ class SyncWatch:
     def __init__(self):
         self.calls: dict[str, int] = {}
         self.where: dict[str, str] = {}  # first place each kind of sync was seen (package frames)
+        self.launches = 0
+        self._host_devices: list[torch.device] = []  # kept alive: recognised by identity
         self.active = False
         self.in_read = False
 
@@ -189,6 +204,19 @@ class SyncWatch:
             self.calls[key] = self.calls.get(key, 0) + 1
             if key.startswith("sync.") and key not in self.where:
                 self.where[key] = _caller()
+
+    def host_device(self, device: torch.device) -> torch.device:
+        """A fresh ``torch.device`` equal to ``device``, remembered as a host tensor's ``.device``."""
+        mine = torch.device(str(device))
+        self._host_devices.append(mine)
+        return mine
+
+    def is_host_device(self, device) -> bool:
+        return any(device is d for d in self._host_devices)
+
+    def launch(self) -> None:
+        if self.active:
+            self.launches += 1
 
     @contextlib.contextmanager
     def reading(self):

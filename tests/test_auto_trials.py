@@ -19,7 +19,14 @@ import torch
 import torch.distributed as dist
 
 import hiermoe_hf
-from hiermoe_hf.cost.trials import OVERLAP_CHUNKS, TIMED_ROUNDS, StrategyTrials, chunk_candidates, trial_candidates
+from hiermoe_hf.cost.trials import (
+    CHUNK_ROUNDS,
+    OVERLAP_CHUNKS,
+    TIMED_ROUNDS,
+    StrategyTrials,
+    chunk_candidates,
+    trial_candidates,
+)
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 from hiermoe_hf.topology import Topology
 
@@ -211,15 +218,16 @@ def _drive_chunks(trials: StrategyTrials, layers: list[str], summed_us: list[lis
 def test_chunk_phase_times_the_kept_strategy_in_4_chunks_after_the_strategy_phase():
     assert chunk_candidates("auto") == (1, OVERLAP_CHUNKS) and chunk_candidates(3) == (3,)
     t = StrategyTrials(("hd1", "hd2"), world_size=2, chunk_options=chunk_candidates("auto"))
-    assert t.trial_forwards == 2 * (1 + TIMED_ROUNDS) + 1 + TIMED_ROUNDS  # x1 against x4 of the kept one
-    # strategy phase as above (hd2 wins: 300 < 400 per pass summed over a, b), then hd2 x4: warm-up
-    # (ignored), round 1 250, round 2 260 -> 250 < hd2 x1's 300: x4 kept from pass 9 on.
+    assert CHUNK_ROUNDS == 1
+    assert t.trial_forwards == 2 * (1 + TIMED_ROUNDS) + CHUNK_ROUNDS  # x1 against x4 of the kept one
+    # strategy phase as above (hd2 wins: 300 < 400 per pass summed over a, b), then hd2 x4 for one
+    # timed round (no warm-up: the strategy phase warmed up): 250 < hd2 x1's 300: x4 kept from pass 7.
     times = [[10**6, 10**6], [1, 1], [200, 200], [150, 150], [200, 200], [150, 150],
-             [1, 1], [125, 125], [130, 130], [9, 9], [9, 9]]
+             [125, 125], [9, 9], [9, 9]]
     picked = _drive_chunks(t, ["a", "b"], times)
     x4 = OVERLAP_CHUNKS
-    want = [[(s, 1, 1)] * 2 for s in ["hd1", "hd2"] * 3] + [[("hd2", x4, x4)] * 2] * 3
-    # the chunk decision (layer a, pass 9) counts in 4 chunks before it knows; then every forward runs 4
+    want = [[(s, 1, 1)] * 2 for s in ["hd1", "hd2"] * 3] + [[("hd2", x4, x4)] * 2] * CHUNK_ROUNDS
+    # the chunk decision (layer a, pass 7) counts in 4 chunks before it knows; then every forward runs 4
     want += [[("hd2", x4, x4)] * 2] * 2
     assert picked == want
     assert (t.chosen, t.chosen_chunks, t.deciding) == ("hd2", x4, False)
@@ -231,9 +239,9 @@ def test_chunk_decision_for_1_counts_in_4_and_runs_unchunked():
     """x4 slower: the deciding forward counted in 4 chunks and runs 1 (forward.py merges the counts);
     a recompute of it runs 1 as well, as do the recomputes of the trial forwards their own count."""
     t = StrategyTrials(("hd1", "hd2"), world_size=1, chunk_options=(1, 4))
-    times = [[5], [5], [30], [20], [30], [20], [5], [40], [45], [0], [0]]
+    times = [[5], [5], [30], [20], [30], [20], [40], [0], [0]]
     picked = _drive_chunks(t, ["a"], times)
-    assert [p[0] for p in picked] == [(s, 1, 1) for s in ["hd1", "hd2"] * 3] + [("hd2", 4, 4)] * 3 + [
+    assert [p[0] for p in picked] == [(s, 1, 1) for s in ["hd1", "hd2"] * 3] + [("hd2", 4, 4)] * CHUNK_ROUNDS + [
         ("hd2", 4, 1), ("hd2", 1, 1)]
     assert t.chosen_chunks == 1 and t.measured_ms_by_chunks() == {1: 0.02, 4: 0.04}
     assert t.chunks("a", recompute=True) == 1 and t.pick("a", [], recompute=True) == "hd2"
@@ -315,14 +323,14 @@ def test_default_overlap_times_1_and_4_and_keeps_the_faster(ranks, dispatch, slo
     count on every rank and layer (a fixed dispatch: 1 and 4 alternately); outputs stay exact
     throughout, the deciding forward (counted in 4 chunks, possibly run in 1) included."""
     strategy_forwards = 2 * (1 + TIMED_ROUNDS) if dispatch == "auto" else 0
-    chunk_forwards = (1 if strategy_forwards else 2) * (1 + TIMED_ROUNDS)
+    chunk_forwards = CHUNK_ROUNDS if strategy_forwards else 2 * (1 + TIMED_ROUNDS)
     results = ranks(4).run(_run_chunked_forwards, slow, dispatch, strategy_forwards + chunk_forwards + 2)
     assert all(r["runs"] == results[0]["runs"] for r in results)  # every rank: same (strategy, chunks)
     r = results[0]
     layers = len(r["runs"][0])
     x4 = OVERLAP_CHUNKS
     if dispatch == "auto":
-        want = [(s, 1) for s in ["hd1", "hd2"] * (1 + TIMED_ROUNDS)] + [("hd2", x4)] * (1 + TIMED_ROUNDS)
+        want = [(s, 1) for s in ["hd1", "hd2"] * (1 + TIMED_ROUNDS)] + [("hd2", x4)] * CHUNK_ROUNDS
     else:
         want = [("hd2", c) for c in (1, x4) * (1 + TIMED_ROUNDS)]
     want += [("hd2", winner)] * 2
@@ -353,10 +361,10 @@ def _train_checkpointed_chunks(slow_chunks: int, steps: int) -> list[list[tuple]
 def test_default_overlap_under_gradient_checkpointing(ranks):
     """x4 slower: the step that decides counted in 4 chunks and ran 1; its recompute runs 1 too, and
     every trial step's recompute runs its forward's chunk count."""
-    trial = 2 * (1 + TIMED_ROUNDS) + 1 + TIMED_ROUNDS
+    trial = 2 * (1 + TIMED_ROUNDS) + CHUNK_ROUNDS
     results = ranks(4).run(_train_checkpointed_chunks, OVERLAP_CHUNKS, trial + 2)
     assert all(r == results[0] for r in results)
     layers = len(results[0][0])
-    want = [(s, 1) for s in ["hd1", "hd2"] * (1 + TIMED_ROUNDS)] + [("hd2", OVERLAP_CHUNKS)] * (1 + TIMED_ROUNDS)
+    want = [(s, 1) for s in ["hd1", "hd2"] * (1 + TIMED_ROUNDS)] + [("hd2", OVERLAP_CHUNKS)] * CHUNK_ROUNDS
     want += [("hd2", 1)] * 2
     assert results[0] == [[(s, c, True)] * layers for s, c in want]

@@ -134,12 +134,12 @@ LAYOUTS = [(2, "1x2"), (2, "2x1"), (4, "2x2"), (1, None)]
 
 
 def run_layout(kind: str, ep_size: int, topology) -> list:
+    """Every strategy once (``auto``: a count reduction in the group), swaps on every other one,
+    starting with ``auto``: each layout trains with and without swaps, each strategy at least once."""
     strategies = Topology((1,) if topology is None else tuple(map(int, topology.split("x")))).strategies()
-    out = []
-    for strategy in strategies + ["auto"] if ep_size > 1 else ["auto"]:  # auto: a count reduction in the group
-        for swaps in (False, True):
-            out.append(((strategy, swaps), train_job(kind, ep_size, topology, strategy, swaps)))
-    return out
+    runs = [("auto", True), ("auto", False)] if ep_size == 1 else [
+        (s, i % 2 == 0) for i, s in enumerate(["auto"] + strategies)]
+    return [((strategy, swaps), train_job(kind, ep_size, topology, strategy, swaps)) for strategy, swaps in runs]
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))

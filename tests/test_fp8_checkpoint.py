@@ -117,18 +117,18 @@ def test_bad_quantization_config(checkpoints):
 
 def _rank_load(fp8_dir, ref_dir, out_dir, topology):
     read = []
-    original = fp8_module._Fp8Slice._rows
+    original = fp8_module._Fp8Slice._leading
 
     def recording(self, lo, hi):
         read.append(self.key)
         return original(self, lo, hi)
 
-    fp8_module._Fp8Slice._rows = recording
+    fp8_module._Fp8Slice._leading = recording
     try:
         cfg = hiermoe_hf.HierMoEConfig(topology=topology, dispatch="a2a")
         ours = hiermoe_hf.from_pretrained(fp8_dir, cfg, dtype=torch.bfloat16)
     finally:
-        fp8_module._Fp8Slice._rows = original
+        fp8_module._Fp8Slice._leading = original
     ref = hiermoe_hf.patch(AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.bfloat16), cfg)
     mine, theirs = ours.state_dict(), ref.state_dict()
     differ = sorted(k for k in theirs if mine[k].dtype != theirs[k].dtype or not torch.equal(mine[k], theirs[k]))

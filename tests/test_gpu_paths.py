@@ -6,7 +6,9 @@ dtype is read off the ATen calls (#2); every Triton launch must happen under its
 guard (#4, the guard recorded around each launch); a group of one launches no layout kernel (#11);
 a count-exchange size the layout disagrees with fails on the device instead of writing past the
 buffers (#13); data-dependent sizes are not specialised (#14); devices come from the data (#8, #9,
-pure rules); the collective save runs without plain send/recv (#7, 2 gloo ranks).
+pure rules); the collective save runs without plain send/recv (#7, 2 gloo ranks); a priced ``auto``
+launches no device kernel to price and the count exchange's kernels do not grow with the chunks (#3,
+launches counted by ``sync_watch``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ import hiermoe_hf
 from hiermoe_hf.exchange import experts as experts_mod
 from hiermoe_hf.exchange.devices import choose_comm_device, fsdp2_device_map
 from hiermoe_hf.kernels import TORCH_OPS, reference, triton_combine, triton_layout, triton_pack, triton_rows
+from hiermoe_hf.cost.auto import Priced
+from hiermoe_hf.cost.model import default_cost_model
+from hiermoe_hf.exchange.layer_counts import exchange_chunk_counts
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
+from hiermoe_hf.topology import Topology
+from sync_watch import SyncWatch
 
 KERNELS = {
     triton_rows: ("_gather_rows_kernel", "_segment_sum_kernel"),
@@ -203,3 +210,41 @@ def test_collective_save_batches_its_point_to_point(ranks, tmp_path):
     assert ours == theirs
     for f in ours:
         assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
+
+
+class _CountOnly:
+    """A choice that counts ``Priced``'s candidates and prices nothing: the launches of counting alone."""
+
+    def __init__(self, candidates: tuple[str, ...]):
+        self.counting = candidates
+
+    def extra(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+
+    def pick(self, summed_extra, counted):
+        return self.counting[0], None
+
+
+def _count_exchange(choice, topo: Topology, dest_TK: torch.Tensor, chunks: int):
+    """(launches, reads, syncs, strategy) of one layer's count exchange on one rank (no group)."""
+    watch = SyncWatch()
+    with watch.installed(), watch.counting():
+        out = exchange_chunk_counts(topo, None, 0, choice, list(torch.tensor_split(dest_TK, chunks)), 4096)
+    return watch.launches, watch.total("read"), watch.total("sync"), out[0].strategy
+
+
+def test_priced_auto_launches_nothing_to_price_and_chunks_count_in_one_pass():
+    """GPU_REVIEW #3: pricing every candidate on the device launched hundreds of small kernels per
+    layer before its one read, and every chunk counted its rows apart. The counts come back in the
+    read anyway: pricing them on the host adds no device launch, and the chunks share one pass."""
+    topo = Topology((8, 8))
+    dest_TK = torch.randint(-1, topo.world_size, (512, 8), generator=torch.Generator().manual_seed(0))
+    candidates = tuple(topo.strategies())
+    priced = Priced(candidates, default_cost_model(topo))
+    launches = {}
+    for chunks in (1, 4):
+        counting = _count_exchange(_CountOnly(candidates), topo, dest_TK, chunks)[0]
+        launches[chunks], reads, syncs, strategy = _count_exchange(priced, topo, dest_TK, chunks)
+        assert (launches[chunks], reads, syncs) == (counting, 1, 0), (chunks, launches, counting, reads, syncs)
+        assert strategy in candidates
+    assert launches[4] < 1.5 * launches[1], launches  # 4 chunks counted apart: about 4x

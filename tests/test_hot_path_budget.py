@@ -101,6 +101,15 @@ def count_step(
     """One training step's collectives (forward + backward), host reads of device tensors (inside the
     experts forwards and their hooks; the whole backward) and GPU syncs (``SyncWatch``: H2D copies,
     boolean masks, nonzero, hidden items, event waits) in the same windows."""
+    return count_steps(model_name, strategy, overlap_chunks, meter, cost_model, (warmup_steps,))[0]
+
+
+def count_steps(
+    model_name: str, strategy: str, overlap_chunks: int | str, meter: bool, cost_model: str | None,
+    at: tuple[int, ...],
+) -> list[dict]:
+    """``count_step``'s counts of several steps of one training run: the i-th counted step comes
+    after ``at[i]`` steps (earlier counted ones included)."""
     cfg = tiny_qwen3_moe_config() if model_name == "qwen3_moe" else tiny_deepseek_v3_config()
     model = build_model(cfg).train()
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5 + dist.get_rank()))
@@ -115,24 +124,31 @@ def count_step(
     watch = SyncWatch()
     # Installed after the patch (its tensors reach the device with the model, or lazily in the first
     # forward) and before the warm-up: what a forward caches on the host is recognised when counted.
+    out, done = [], 0
     with watch.installed():
-        for _ in range(warmup_steps):  # warm-up: lazily built state is not the per-step cost
-            model(ids, labels=ids).loss.backward()
-        model.zero_grad()
-        watch.calls = {}
-        fwd = Counter(watch)
-        with fwd.installed():
-            _watch_forwards(model, fwd, hooks=meter)
-            loss = model(ids, labels=ids).loss
-        fwd_calls, watch.calls = fwd.calls, {}
-        bwd = Counter(watch)
-        with bwd.installed():
-            bwd.active = True
-            loss.backward()
-            bwd.active = False
+        for steps in at:
+            for _ in range(steps - done):  # warm-up: lazily built state is not the per-step cost
+                model(ids, labels=ids).loss.backward()
+            done = steps + 1
+            model.zero_grad()
+            watch.calls = {}
+            fwd = Counter(watch)
+            with fwd.installed():
+                _watch_forwards(model, fwd, hooks=meter)
+                loss = model(ids, labels=ids).loss
+            fwd_calls, watch.calls = fwd.calls, {}
+            bwd = Counter(watch)
+            with bwd.installed():
+                bwd.active = True
+                loss.backward()
+                bwd.active = False
+            out.append(_counted(model, {"forward": fwd_calls, "backward": bwd.calls}, watch))
+    return out
+
+
+def _counted(model, calls: dict, watch: SyncWatch) -> dict:
     layers = len(moe_layers(model))
     stats = hiermoe_hf.stats(model)
-    calls = {"forward": fwd_calls, "backward": bwd.calls}
 
     def total(where: str, prefix: str) -> int:
         return sum(v for k, v in calls[where].items() if k.startswith(prefix))
@@ -151,6 +167,16 @@ def count_step(
 
 
 COSTS = ("collectives", "forward_reads", "backward_reads", "hidden_syncs")
+_FIXED_RUNS: dict = {}
+
+
+def fixed_step(pool, model_name: str, strategy: str, chunks: int = 1) -> list[dict]:
+    """``count_step`` of a fixed strategy on every rank, run once per module (several tests compare
+    ``auto``'s steps against the same fixed ones)."""
+    key = (model_name, strategy, chunks)
+    if key not in _FIXED_RUNS:
+        _FIXED_RUNS[key] = pool.run(count_step, model_name, strategy, chunks)
+    return _FIXED_RUNS[key]
 
 
 def _per_layer(result: dict) -> dict:
@@ -171,7 +197,7 @@ def test_budgets_per_strategy_and_auto_free(ranks, model_name):
     pool = ranks(4)
     fixed = {}
     for strategy in ("a2a", "2dh", "hd1", "hd2"):
-        results = pool.run(count_step, model_name, strategy)
+        results = fixed_step(pool, model_name, strategy)
         for r in results:
             per = _per_layer(r)
             assert per["collectives"] <= BUDGET[strategy], (strategy, per, r["calls"])
@@ -190,11 +216,10 @@ def test_timed_auto_is_free_during_and_after_its_trials(ranks, model_name):
     a step during the trials (the second: every layer runs hd2) and one after the choice cost
     exactly what the strategy they ran costs."""
     pool = ranks(4)
-    fixed = {s: _per_layer(pool.run(count_step, model_name, s)[0]) for s in ("hd1", "hd2")}
-    for warmup, during in ((1, True), (7, False)):
-        for r in pool.run(count_step, model_name, "auto", cost_model=None, warmup_steps=warmup):
-            if during:
-                assert r["strategies"] == ["hd2"] * r["layers"], r["strategies"]
+    fixed = {s: _per_layer(fixed_step(pool, model_name, s)[0]) for s in ("hd1", "hd2")}
+    for during, after in pool.run(count_steps, model_name, "auto", 1, False, None, (1, 7)):
+        assert during["strategies"] == ["hd2"] * during["layers"], during["strategies"]
+        for r in (during, after):
             _assert_costs_what_it_ran(r, fixed)
 
 
@@ -204,15 +229,17 @@ def test_timed_overlap_chunks_are_free_during_and_after_their_trials(ranks, mode
     in the chunk phase (x4), the step that decides (counted in 4 chunks, run in 1 or 4: its
     counts merged on the host) and one after cost exactly what they ran: 1 host read per layer
     forward, none in the backward, no hidden sync, the collectives of that strategy and chunk count."""
-    from hiermoe_hf.cost.trials import OVERLAP_CHUNKS, TIMED_ROUNDS
+    from hiermoe_hf.cost.trials import CHUNK_ROUNDS, OVERLAP_CHUNKS, TIMED_ROUNDS
 
     pool = ranks(4)
-    fixed = {(s, c): _per_layer(pool.run(count_step, model_name, s, c)[0]) for s in ("hd1", "hd2")
+    fixed = {(s, c): _per_layer(fixed_step(pool, model_name, s, c)[0]) for s in ("hd1", "hd2")
              for c in (1, OVERLAP_CHUNKS)}
-    decide = 3 * (1 + TIMED_ROUNDS)  # warm-up steps before the deciding forward
-    for warmup in (7, decide, decide + 1):
-        for r in pool.run(count_step, model_name, "auto", "auto", cost_model=None, warmup_steps=warmup):
-            if warmup == 7:
+    chunk_phase = 2 * (1 + TIMED_ROUNDS)  # steps before the first one in 4 chunks
+    decide = chunk_phase + CHUNK_ROUNDS  # steps before the deciding forward
+    at = (chunk_phase, decide, decide + 1)
+    for rank_results in pool.run(count_steps, model_name, "auto", "auto", False, None, at):
+        for warmup, r in zip(at, rank_results):
+            if warmup == chunk_phase:
                 assert r["chunks"] == [OVERLAP_CHUNKS] * r["layers"], r  # the kept strategy in 4 chunks
             per = _per_layer(r)
             assert per["forward_reads"] == 1 and per["backward_reads"] == 0 and per["hidden_syncs"] == 0, r["calls"]
@@ -235,8 +262,8 @@ def test_chunks_add_only_their_row_exchanges(ranks, strategy, model_name):
 @pytest.mark.parametrize("strategy", ["a2a", "hd2"])
 def test_traffic_meter_adds_no_host_read(ranks, strategy):
     pool = ranks(4)
-    for plain, metered in zip(pool.run(count_step, "qwen3_moe", strategy), pool.run(count_step, "qwen3_moe",
-                                                                                       strategy, meter=True)):
+    for plain, metered in zip(fixed_step(pool, "qwen3_moe", strategy), pool.run(count_step, "qwen3_moe",
+                                                                                  strategy, meter=True)):
         assert _per_layer(metered) == _per_layer(plain), (metered["calls"], plain["calls"])
 
 
@@ -246,9 +273,10 @@ def test_gpu_sync_budget_with_meter_and_auto(ranks, model_name):
     timed (during its trials and after its choice): per MoE layer and step exactly one host read in
     the forward, none in the backward and no other GPU sync (review findings 1, 3, 12)."""
     pool = ranks(4)
-    cases = (("hd2", "hiermoe-paper", 1), ("auto", "hiermoe-paper", 1), ("auto", None, 2), ("auto", None, 7))
-    for strategy, cost_model, warmup in cases:
-        for r in pool.run(count_step, model_name, strategy, meter=True, cost_model=cost_model, warmup_steps=warmup):
-            per = _per_layer(r)
-            got = (per["forward_reads"], per["backward_reads"], per["hidden_syncs"])
-            assert got == (1, 0, 0), f"{(strategy, cost_model, warmup, got)} {r['calls']} {r['where']}"
+    cases = (("hd2", "hiermoe-paper", (1,)), ("auto", "hiermoe-paper", (1,)), ("auto", None, (2, 7)))
+    for strategy, cost_model, at in cases:
+        for rank_results in pool.run(count_steps, model_name, strategy, 1, True, cost_model, at):
+            for warmup, r in zip(at, rank_results):
+                per = _per_layer(r)
+                got = (per["forward_reads"], per["backward_reads"], per["hidden_syncs"])
+                assert got == (1, 0, 0), f"{(strategy, cost_model, warmup, got)} {r['calls']} {r['where']}"

@@ -216,14 +216,3 @@ def test_bench_small_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = out.read_text()
     assert "pack_rows" in text and "combine_rows" in text and "GB/s" in text
-
-
-def test_kernels_compile_for_sm90():
-    """The compiled (GPU) path type-checks and lowers through ptxas, without a GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_kernels.py"), "--compile-only"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "compiled" in proc.stdout

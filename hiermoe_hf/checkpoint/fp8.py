@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hiermoe_hf.checkpoint.lazy_slice import DequantizedSlice
+
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn,)
 E4M3_NAMES = ("e4m3", "float8_e4m3fn")  # DeepSeek / Qwen write "e4m3"; MiniMax-M2 "float8_e4m3fn"
@@ -81,7 +83,7 @@ def dequantize(w_RC: torch.Tensor, scale_GC: torch.Tensor, block: tuple[int, int
     return out
 
 
-class _Fp8Slice:
+class _Fp8Slice(DequantizedSlice):
     """A quantized weight as a lazy safetensors-like slice: ``get_shape``, ``get_dtype`` and indexing.
 
     Indexing reads only the block rows covering the first-dimension range asked for (for a fused
@@ -98,23 +100,7 @@ class _Fp8Slice:
                 f"{key}{SCALE_SUFFIX} of shape {list(scale_grid(self.shape, block))}, found {list(grid)}"
             )
 
-    def get_shape(self) -> list[int]:
-        return list(self.shape)
-
-    def get_dtype(self) -> str:
-        return "F32"
-
-    def __getitem__(self, index):
-        first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
-        if first is Ellipsis:
-            first, rest = slice(None), (Ellipsis, *rest)
-        if not isinstance(first, slice) or first.indices(self.shape[0])[2] != 1:
-            return self._rows(0, self.shape[0])[index]
-        lo, hi, _ = first.indices(self.shape[0])
-        out = self._rows(lo, max(lo, hi))
-        return out[(slice(None), *rest)] if rest else out
-
-    def _rows(self, lo: int, hi: int) -> torch.Tensor:
+    def _leading(self, lo: int, hi: int) -> torch.Tensor:
         if len(self.shape) > 2:  # fused experts [E, R, C]: the first dimension is not blocked
             return dequantize(self.weight[lo:hi], self.scale[lo:hi], self.block)
         br = self.block[0]

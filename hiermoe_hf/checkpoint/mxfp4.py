@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+from hiermoe_hf.checkpoint.lazy_slice import DequantizedSlice
+
 BLOCKS, SCALES = "_blocks", "_scales"
 
 
@@ -33,7 +35,7 @@ class Mxfp4Format:
         return Mxfp4Reader(raw)
 
 
-class _Mxfp4Slice:
+class _Mxfp4Slice(DequantizedSlice):
     """``P_blocks`` + ``P_scales`` as a lazy safetensors-like slice of the dequantized ``P`` [E, C, R]:
     ``get_shape``, ``get_dtype``, and indexing that dequantizes only the experts (dim 0) asked for."""
 
@@ -45,23 +47,7 @@ class _Mxfp4Slice:
                              "([E, R, C/32, 16] and [E, R, C/32])")
         self.shape = (b[0], b[2] * b[3] * 2, b[1])
 
-    def get_shape(self) -> list[int]:
-        return list(self.shape)
-
-    def get_dtype(self) -> str:
-        return "F32"
-
-    def __getitem__(self, index):
-        first, rest = (index[0], index[1:]) if isinstance(index, tuple) and index else (index, ())
-        if first is Ellipsis:
-            first, rest = slice(None), (Ellipsis, *rest)
-        if not isinstance(first, slice) or first.indices(self.shape[0])[2] != 1:
-            return self._experts(0, self.shape[0])[index]
-        lo, hi, _ = first.indices(self.shape[0])
-        out = self._experts(lo, max(lo, hi))
-        return out[(slice(None), *rest)] if rest else out
-
-    def _experts(self, lo: int, hi: int) -> torch.Tensor:
+    def _leading(self, lo: int, hi: int) -> torch.Tensor:
         """float32 [hi - lo, C, R]: experts [lo, hi), dequantized."""
         return convert_moe_packed_tensors(self.blocks[lo:hi], self.scales[lo:hi], dtype=torch.float32)
 

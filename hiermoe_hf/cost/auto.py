@@ -1,8 +1,8 @@
 """Strategy choice for ``dispatch="auto"`` (DESIGN.md sections 5 and 7).
 
 The choice rides on the layer's one count exchange (``exchange.layer_counts``): every rank's
-contribution to every candidate's per-stage counts is all-reduced, priced on the device, and the
-cheapest wins, ties going to the earlier candidate. Identical inputs and identical float arithmetic
+contribution to every candidate's per-stage counts is all-reduced, read with the split sizes and
+priced on the host, and the cheapest wins, ties going to the earlier candidate. Identical inputs and identical float arithmetic
 on every rank mean every rank picks the same strategy without another collective. The patched
 forward calls ``exchange_counts`` directly; ``pick_strategy`` is the same choice as a function.
 """
@@ -86,7 +86,7 @@ def price(topology: Topology, counts: dict[str, list[torch.Tensor]], row_bytes: 
 @dataclass(frozen=True)
 class Priced:
     """Choose the cheapest of ``candidates`` under ``cost_model`` (``dispatch="auto"`` with constants):
-    priced on the device from the global counts, ties to the earlier candidate."""
+    priced on the host from the global counts, ties to the earlier candidate."""
 
     candidates: tuple[str, ...]
     cost_model: object
@@ -98,12 +98,10 @@ class Priced:
     def extra(self, device: torch.device) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64, device=device)
 
-    def head(self, topology: Topology, global_CN: torch.Tensor, row_bytes: int):
-        """(int64 [1] index of the cheapest, float64 [C] predicted ms) from every chunk's global
-        counts (int64 [chunks, N], ``contribution``'s layout summed over ranks)."""
-        counts = split_global(topology, self.candidates, global_CN.sum(0))
-        predicted = price(topology, counts, row_bytes, self.cost_model)
-        return torch.argmin(predicted).view(1), predicted  # first minimum: ties go to the earlier one
-
-    def pick(self, head: int | None, summed_extra: list[int]) -> str:
-        return self.candidates[head]
+    def pick(self, summed_extra: list[int], counted) -> tuple[str, torch.Tensor]:
+        """The cheapest candidate and float64 [C] predicted ms (host tensor), priced on the host from
+        the layer's global counts summed over its chunks (``layer_counts.Counted``): the count
+        exchange's read brings them anyway, so pricing launches no kernel and reads nothing more."""
+        counts = split_global(counted.topology, self.candidates, counted.summed())
+        predicted = price(counted.topology, counts, counted.row_bytes, self.cost_model)
+        return self.candidates[int(torch.argmin(predicted))], predicted  # first minimum: ties to the earlier one

@@ -36,8 +36,8 @@ def stage_time_tensors(
     exchanges: float = 1.0,
     local_units: float = 0.0,
 ) -> list[torch.Tensor]:
-    """Seconds per stage as float64 0-d tensors on the counts' device (no host read: ``auto`` prices
-    on the device and reads the choice back with the split sizes).
+    """Seconds per stage as float64 0-d tensors on the counts' device (no host read; ``auto`` passes
+    the host tensors its count exchange read).
 
     latency_terms * alpha + exchanges * S * (largest per-peer rows * row_bytes) * beta (0 for
     groups of one), plus local_units * the local pack+unpack time of the most rows any rank packs.
@@ -77,7 +77,7 @@ def predict_stage_times(
 def forward_exchange_seconds(
     counts: Sequence[torch.Tensor], topology: Topology, strategy: str, row_bytes: float, cost_model: CostModel
 ) -> torch.Tensor:
-    """float64 0-d tensor: seconds of one layer's forward exchange of ``strategy`` (``auto``, on the device)."""
+    """float64 0-d tensor: seconds of one layer's forward exchange of ``strategy`` (``auto``)."""
     times = stage_time_tensors(
         counts, topology, strategy, row_bytes, cost_model, FORWARD_LATENCIES, FORWARD_EXCHANGES, FORWARD_LOCAL_UNITS
     )

@@ -6,19 +6,20 @@ other traffic on the node). So ``dispatch="auto"`` with ``cost_model=None`` and
 ``overlap_chunks="auto"`` (the defaults) run every MoE layer's first forwards under each candidate
 (strategy, chunk count) in turn and keep the fastest, in one schedule of two phases:
 
-    a layer's forward f:  0    1    2    3    4    5    6    7    8    9 ...
-    strategy phase:       hd1  hd2  hd1  hd2  hd1  hd2                     (x1: unchunked)
-    chunk phase:                                        x4   x4   x4       (the strategy kept)
-    then:                                                              the fastest (every layer)
-                          \\ warm-up /  \\ round 1 / \\ round 2 /  wu   r1   r2
+    a layer's forward f:  0    1    2    3    4    5    6    7 ...
+    strategy phase:       hd1  hd2  hd1  hd2  hd1  hd2                (x1: unchunked)
+    chunk phase:                                        x4            (the strategy kept)
+    then:                                                    the fastest (every layer)
+                          \\ warm-up /  \\ round 1 / \\ round 2 /  r1
 
 The strategy phase times the de-duplicating strategies unchunked; the first layer of the pass after
 it (f = 6) keeps the fastest. The chunk phase then times that strategy in ``OVERLAP_CHUNKS``
-chunks, and the first layer of the pass after it (f = 9) keeps 1 or ``OVERLAP_CHUNKS``, whichever
-was faster (the unchunked time is the strategy phase's). A phase with one candidate is skipped: a
-fixed ``dispatch`` or a cost model (which prices the strategy on every forward) leaves the chunk
-phase alone, timing 1 and ``OVERLAP_CHUNKS`` alternately (f = 0 .. 5); an explicit
-``overlap_chunks`` leaves the strategy phase alone (timed in that many chunks).
+chunks for ``CHUNK_ROUNDS`` pass(es), and the first layer of the pass after it (f = 7) keeps 1 or
+``OVERLAP_CHUNKS``, whichever was faster (the unchunked time is the strategy phase's). A phase with
+one candidate is skipped: a fixed ``dispatch`` or a cost model (which prices the strategy on every
+forward) leaves the chunk phase alone, timing 1 and ``OVERLAP_CHUNKS`` alternately with a warm-up
+round (f = 0 .. 5); an explicit ``overlap_chunks`` leaves the strategy phase alone (timed in that
+many chunks).
 
 A forward's time is the layer's whole exchange and experts (dispatch to combine, with the side work
 of a block that has some: the one span a pipelined layer has) and rides in the count exchange of
@@ -34,7 +35,7 @@ pass visits every layer before the next pass starts, the first layer of the pass
 every timing when it decides, for all layers.
 
 The chunk count of a forward must be known before its count exchange (the tokens are counted per
-chunk); the one forward that does not know it, the chunk decision (f = 9 above), counts in
+chunk); the one forward that does not know it, the chunk decision (f = 7 above), counts in
 ``OVERLAP_CHUNKS`` chunks, and if 1 wins it runs unchunked on their sums (counts add up over tokens:
 ``layer_counts.merged``). A gradient-checkpointing recompute runs the strategy and chunk count of
 the forward it recomputes and is neither scheduled nor timed.
@@ -56,6 +57,13 @@ import torch
 from hiermoe_hf.topology import Topology
 
 TIMED_ROUNDS = 2  # rounds after the warm-up round; the fastest of them is kept
+# After a strategy phase the chunk phase times its one larger count for this many rounds, with no
+# warm-up round: the process groups, buffers and kernels it runs are the ones the strategy phase
+# warmed. Each of its forwards costs what a step in 4 chunks costs, which on a small model is up to
+# twice a step (docs/auto_benchmark.md, 2026-12-03: 3 such steps took 0.88x the throughput of a
+# 30-step fine-tune); the kept unchunked time is the fastest of two rounds, so one round errs
+# towards 1 chunk, the default before issue 18.
+CHUNK_ROUNDS = 1
 # The chunk count the chunk phase times against 1: on the wide layer of docs/step_benchmark.md 4
 # beat 8 (and 2 gains less), at 200 Mbit/s and 1 Gbit/s; each chunk pays every stage's latency again.
 OVERLAP_CHUNKS = 4
@@ -120,9 +128,15 @@ class StrategyTrials:
         return self.chunk_options[1:] if self.strategy_forwards else self.chunk_options
 
     @property
+    def chunk_rounds(self) -> int:
+        """Forwards of each chunk count the chunk phase runs: ``CHUNK_ROUNDS`` timed ones after a
+        strategy phase, else a warm-up and ``TIMED_ROUNDS`` (1 and the larger count alternating)."""
+        return CHUNK_ROUNDS if self.strategy_forwards else 1 + TIMED_ROUNDS
+
+    @property
     def trial_forwards(self) -> int:
         """Forwards of each layer that run under trial (both phases, warm-up and timed rounds)."""
-        return self.strategy_forwards + len(self.chunk_trial) * (1 + TIMED_ROUNDS)
+        return self.strategy_forwards + len(self.chunk_trial) * self.chunk_rounds
 
     @property
     def deciding(self) -> bool:
@@ -137,7 +151,8 @@ class StrategyTrials:
             n = len(self.candidates)
             return (self.candidates[f % n], self.chunk_options[0]), f // n
         m = len(self.chunk_trial)
-        return (self.chosen, self.chunk_trial[(f - S) % m]), (f - S) // m
+        warmed = 1 if S else 0  # after a strategy phase every chunk-phase round is timed
+        return (self.chosen, self.chunk_trial[(f - S) % m]), (f - S) // m + warmed
 
     def chunks(self, layer: str, recompute: bool = False) -> int:
         """The chunks ``layer``'s next forward counts its tokens in (before its count exchange; does not
@@ -318,11 +333,7 @@ class LayerTrial:
     def extra(self, device: torch.device) -> torch.Tensor:
         return self.trials.extra(device)
 
-    def head(self, topology: Topology, global_CN: torch.Tensor, row_bytes: int):
-        if self.base is not None:
-            return self.base.head(topology, global_CN, row_bytes)
-        return None, None  # chosen on the host, from the timings the count exchange brings
-
-    def pick(self, head: int | None, summed_us: list[int]) -> str:
+    def pick(self, summed_us: list[int], counted) -> tuple[str, torch.Tensor | None]:
+        """The trials advance on every forward; ``base`` names the strategy when it chooses."""
         name = self.trials.pick(self.name, summed_us, self.recompute)
-        return name if self.base is None else self.base.pick(head, summed_us)
+        return (name, None) if self.base is None else self.base.pick(summed_us, counted)

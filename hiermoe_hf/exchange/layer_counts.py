@@ -6,9 +6,9 @@ never merged, so these contributions add up exactly), plus how many of its selec
 rank. One ``all_reduce`` of that int64 vector gives every rank the global counts, and ONE host read
 brings back the choice and the split sizes of all stages together. Nothing else on the layer's path
 reads the device. The choice is one of three (``exchange_chunk_counts``' ``choice``): ``Fixed``;
-``cost.auto.Priced`` (``auto`` with a cost model: the candidates priced on the device by
-``pricing.forward_exchange_seconds``, identical float arithmetic on identical inputs, ``argmin``
-breaking ties towards the earlier candidate); ``cost.trials.LayerTrial`` (``auto`` without
+``cost.auto.Priced`` (``auto`` with a cost model: the candidates priced on the host, from the counts
+the read brought, by ``pricing.forward_exchange_seconds``: identical float arithmetic on identical
+inputs, ``argmin`` breaking ties towards the earlier candidate); ``cost.trials.LayerTrial`` (``auto`` without
 one, or ``overlap_chunks="auto"``: the previous forward's timing rides in extra slots of the same
 vector).
 
@@ -43,7 +43,7 @@ class LayerCounts:
 
     strategy: the strategy every rank runs; splits: its stages' split sizes; arriving: selections
     that reach this rank's experts (expanded rows); load_per_rank: int64 [W] device tensor, this
-    rank's selections per destination rank; predicted_ms: float64 [C] device tensor per candidate
+    rank's selections per destination rank; predicted_ms: float64 [C] host tensor per candidate
     (None for a fixed strategy), read only by ``stats``.
     """
 
@@ -55,17 +55,35 @@ class LayerCounts:
     predicted_ms: torch.Tensor | None
 
 
-def contribution(topology: Topology, candidates: tuple[str, ...], dest_TK: torch.Tensor, rank: int) -> torch.Tensor:
-    """int64 [W + sum over candidates and stages of W*S]: this rank's selections per destination
-    rank, then its rows' counts [W, S] for every stage of every candidate, flattened. No host sync."""
-    W = topology.world_size
-    dest = dest_TK.detach().to(torch.int64)
+def contribution(
+    topology: Topology, candidates: tuple[str, ...], dest_chunks: list[torch.Tensor], rank: int
+) -> torch.Tensor:
+    """int64 [C, W + sum over candidates and stages of W*S]: per chunk (C = ``len(dest_chunks)``,
+    each int64 [T_c, K]), this rank's selections per destination rank, then its rows' counts [W, S]
+    for every stage of every candidate, flattened. One pass over all chunks' selections (chunk c's
+    cells are counted in bins offset by c), so the kernels launched do not grow with the chunks; no
+    host sync."""
+    W, C = topology.world_size, len(dest_chunks)
+    dest_parts = [d.detach().to(torch.int64) for d in dest_chunks]
+    dest = dest_parts[0] if C == 1 else torch.cat(dest_parts)  # one chunk: no copy
+    chunk_T1 = None
+    if C > 1:
+        chunk_T1 = torch.cat(
+            [torch.full((d.shape[0], 1), c, dtype=torch.int64, device=dest.device) for c, d in enumerate(dest_chunks)]
+        )
+
+    def per_chunk(cells_TK: torch.Tensor, S: int) -> torch.Tensor:
+        """int64 [C, W*S]: ``count_cells`` of each chunk's own selections."""
+        if chunk_T1 is not None:
+            cells_TK = torch.where(cells_TK >= 0, cells_TK + chunk_T1 * (W * S), -1)
+        return count_cells(cells_TK, C * W, S).view(C, W * S)
+
     origin = torch.full((dest.shape[0],), rank, dtype=torch.int64, device=dest.device)
-    parts = [count_cells(dest, W, 1).view(-1)]  # a destination rank is a cell of a one-member "stage"
+    parts = [per_chunk(dest, 1)]  # a destination rank is a cell of a one-member "stage"
     for name in candidates:
         for st, cells in zip(topology.stages(name), stage_cells(origin, dest, topology, name)):
-            parts.append(count_cells(cells, W, topology.group_size(st)).view(-1))
-    return torch.cat(parts)
+            parts.append(per_chunk(cells, topology.group_size(st)))
+    return torch.cat(parts, dim=1)
 
 
 def split_global(topology: Topology, candidates: tuple[str, ...], flat: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -98,6 +116,25 @@ def _splits(topology: Topology, rank: int, name: str, host: list[int], offset: i
 
 
 @dataclass(frozen=True)
+class Counted:
+    """One layer's global counts as the count exchange's host read brought them (a priced choice
+    prices them on the host: no kernel launches, nothing more to read).
+
+    host_CN: the C chunks' global counts (``contribution``'s layout summed over ranks), flattened.
+    """
+
+    topology: Topology
+    candidates: tuple[str, ...]
+    row_bytes: int
+    chunks: int
+    host_CN: list[int]
+
+    def summed(self) -> torch.Tensor:
+        """int64 [N] host tensor: the counts summed over the chunks (the whole layer's)."""
+        return torch.tensor(self.host_CN, dtype=torch.int64).view(self.chunks, -1).sum(0)
+
+
+@dataclass(frozen=True)
 class Fixed:
     """Choose ``strategy`` (a fixed ``dispatch``): only its split sizes are counted."""
 
@@ -110,11 +147,8 @@ class Fixed:
     def extra(self, device: torch.device) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64, device=device)
 
-    def head(self, topology: Topology, global_CN: torch.Tensor, row_bytes: int):
-        return None, None
-
-    def pick(self, head: int | None, summed_extra: list[int]) -> str:
-        return self.strategy
+    def pick(self, summed_extra: list[int], counted: Counted) -> tuple[str, torch.Tensor | None]:
+        return self.strategy, None
 
 
 def summed_splits(chunk_counts: list[LayerCounts]) -> tuple[StageSplits, ...]:
@@ -175,38 +209,34 @@ def exchange_chunk_counts(
     choice: ``Fixed``, ``Priced`` or ``cost.trials.LayerTrial`` (timed: the strategy, the chunk count
     or both; around a ``Fixed``/``Priced`` base when it times only the chunks): which strategies to count
     (``counting``), this rank's extra int64 slots summed with the counts (``extra``: a trial's
-    timing), the device-side choice (``head``) and the strategy from what the host read
-    (``pick``). ``timeout_s``: how long to wait for the other ranks' counts (``exchange/bounded.py``)
+    timing), and the strategy with its predicted ms per candidate or None, from what the host read
+    (``pick(summed_extra, Counted)``). ``timeout_s``: how long to wait for the other ranks' counts (``exchange/bounded.py``)
     before raising: the wait blocks no longer than the host read that follows it would.
     """
     candidates = choice.counting
     C, W = len(dest_chunks), topology.world_size
     extra_X = choice.extra(dest_chunks[0].device)
     X = extra_X.numel()
-    flat_CN = torch.stack([contribution(topology, candidates, d, rank) for d in dest_chunks])
+    flat_CN = contribution(topology, candidates, dest_chunks, rank)
     load_CW = flat_CN[:, :W].clone()
     flat = torch.cat([extra_X, flat_CN.reshape(-1)])
     if group is not None:
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
         bounded.wait(work, timeout_s, "a MoE layer's forward (its count exchange)")
-    flat_CN = flat[X:].view(C, -1)
-    head, predicted = choice.head(topology, flat_CN, row_bytes)
-    if head is None:
-        head = torch.zeros(1, dtype=torch.int64, device=flat.device)
-    host = torch.cat([head, flat]).tolist()  # the layer's one device-to-host read
-    choice_name = choice.pick(host[0], host[1 : 1 + X])
+    host = flat.tolist()  # the layer's one device-to-host read
+    counted = Counted(topology, tuple(candidates), row_bytes, C, host[X:])
+    choice_name, predicted = choice.pick(host[:X], counted)
     offset = W
     for name in candidates:
         if name == choice_name:
             break
         offset += sum(W * topology.group_size(st) for st in topology.stages(name))
     N = flat_CN.shape[1]
-    base = 1 + X
     return [
         LayerCounts(
             strategy=choice_name,
-            splits=_splits(topology, rank, choice_name, host, base + c * N + offset),
-            arriving=host[base + c * N + rank],
+            splits=_splits(topology, rank, choice_name, host, X + c * N + offset),
+            arriving=host[X + c * N + rank],
             load_per_rank=load_CW[c],
             candidates=tuple(candidates),
             predicted_ms=predicted,

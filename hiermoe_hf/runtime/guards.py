@@ -74,8 +74,18 @@ def inside_ddp(module: torch.nn.Module) -> bool:
         return False  # no process group: no DDP can exist
 
     def found() -> bool:
-        return any(isinstance(o, ddp) and o.__dict__.get("_modules", {}).get("module") is module
-                   for o in gc.get_objects())
+        # Referrers, not a scan of every live object (gc.get_objects() costs seconds in a big process):
+        # module <- DDP's ``_modules`` dict <- DDP's instance ``__dict__`` (or DDP itself) <- DDP.
+        for holder in gc.get_referrers(module):
+            if not (isinstance(holder, dict) and holder.get("module") is module):
+                continue
+            for owner in gc.get_referrers(holder):
+                if isinstance(owner, ddp):
+                    return True
+                if isinstance(owner, dict) and owner.get("_modules") is holder and any(
+                        isinstance(o, ddp) and getattr(o, "__dict__", None) is owner for o in gc.get_referrers(owner)):
+                    return True
+        return False
 
     if not found():
         return False
