@@ -4,7 +4,7 @@
 Runs the README's fine-tuning example (``examples/finetune.py --max-steps N``) on the emulated
 cluster (``scripts/emulate_cluster``: 2 nodes x 2 ranks, one process group per run) for every
 configuration at every link rate, the configurations interleaved in each repetition so they share
-the machine's conditions, and reads the summary's throughput and strategies. ``--old-repo`` adds
+the machine's conditions (every other repetition in reverse order), and reads the summary's throughput and strategies. ``--old-repo`` adds
 the same example from another checkout (e.g. the commit before a change) to the same run. Prints a
 table per rate and writes every run to ``--out`` (JSON). Needs root (network namespaces).
 
@@ -82,7 +82,8 @@ def main(argv=None) -> None:
     runs = []
     for rate in args.rates.split(","):
         for rep in range(args.reps):
-            for label, repo, dispatch in configs:
+            # every other repetition in reverse: no configuration always runs first (or after another)
+            for label, repo, dispatch in configs if rep % 2 == 0 else configs[::-1]:
                 r = run_once(repo, dispatch, rate, args.steps, args.port, args.python)
                 r.update(rate=rate, rep=rep, code=label, dispatch=dispatch)
                 runs.append(r)
