@@ -15,6 +15,7 @@ import types
 
 import pytest
 import torch
+from accelerate_state import fresh_accelerator
 from dist import RankPool
 
 from hiermoe_hf.tiny_models import build_model, tiny_deepseek_v3_config, tiny_qwen3_moe_config
@@ -43,18 +44,6 @@ def _micro(ids: torch.Tensor, rank: int, micro: int, accum: int) -> torch.Tensor
     return ids[row : row + B]
 
 
-def _fresh_accelerator(**kwargs):
-    import torch.distributed as dist
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    # The ranks outlive one test: give every job a new Accelerator on the existing process group.
-    os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE=str(dist.get_world_size()))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return Accelerator(cpu=True, **kwargs)
-
-
 def train_job(kind, plugin_kw, steps=STEPS, accum=1, save_at=None, save_dir=None, resume_dir=None, start=0,
               experts_only=False):
     """One rank of an Accelerate run with HierMoEPlugin; returns (losses, clip norms, placements, metrics)."""
@@ -64,7 +53,7 @@ def train_job(kind, plugin_kw, steps=STEPS, accum=1, save_at=None, save_dir=None
     from hiermoe_hf.runtime.registry import moe_layers
 
     W, r = dist.get_world_size(), dist.get_rank()
-    acc = _fresh_accelerator(gradient_accumulation_steps=accum)
+    acc = fresh_accelerator(gradient_accumulation_steps=accum)
     logged = []  # what the plugin sends to the trackers, per optimizer step
     acc.log = lambda values, step=None, log_kwargs=None: logged.append((step, values))
     model = build_model(_config(kind), seed=0 if resume_dir is None else 7).train()  # resume: weights come from disk
@@ -272,7 +261,7 @@ def test_traffic_meter_agrees_with_dispatcher_counts(ranks, dispatch):
 def mismatch_job(topology):
     from hiermoe_hf.accelerate import HierMoEPlugin
 
-    acc = _fresh_accelerator()
+    acc = fresh_accelerator()
     model = build_model(tiny_qwen3_moe_config())
     try:
         HierMoEPlugin(topology=topology).prepare(acc, model)

@@ -16,11 +16,12 @@ import shutil
 
 import torch
 import torch.distributed as dist
+from accelerate_state import differences, digest, fresh_accelerator
 
 import hiermoe_hf
 from hiermoe_hf.checkpoint import manifest, rank_state
 from hiermoe_hf.checkpoint.rank_state import RankStateStore, rank_file
-from hiermoe_hf.runtime.registry import moe_layers, runtime_of
+from hiermoe_hf.runtime.registry import runtime_of
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 
 W = 2
@@ -168,32 +169,10 @@ def test_corrupt_rank_files_are_refused_naming_the_file_and_the_problem(ranks, t
         _refused_everywhere(pool.run(corrupt_job, folder, how), R1, needle)
 
 
-def _fresh_accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE=str(dist.get_world_size()))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    acc = Accelerator(cpu=True)
-    acc.log = lambda *a, **k: None
-    return acc
-
-
-def _digest(model, opt) -> dict:
-    out = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for n, p in model.named_parameters():
-        for key, value in opt.state.get(p, {}).items():
-            out[f"{n}/{key}"] = value.clone() if isinstance(value, torch.Tensor) else value
-    out.update({f"{n}/placement": torch.tensor(layer.placement.phys_of_E.tolist())
-                for n, (_, layer) in moe_layers(model).items()})
-    return out
-
-
 def _plugin(seed: int):
     from hiermoe_hf.accelerate import HierMoEPlugin
 
-    acc = _fresh_accelerator()
+    acc = fresh_accelerator()
     model = build_model(tiny_qwen3_moe_config(), seed=seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     plugin = HierMoEPlugin(topology="1x2", dispatch="a2a", swap_interval=1, swap_policy="load", swap_pairs=2)
@@ -216,7 +195,7 @@ def crash_job(state_dir: str):
     for step in range(2):
         _step(acc, model, opt, step)
     acc.save_state(state_dir)
-    good = _digest(acc.unwrap_model(model), opt.optimizer)
+    good = digest(acc.unwrap_model(model), opt.optimizer)
     _step(acc, model, opt, 2)
     original = ckpt.save
 
@@ -236,10 +215,8 @@ def crash_job(state_dir: str):
     dist.barrier()
     acc, plugin, model, opt = _plugin(7)  # fresh weights: everything must come from the folder
     acc.load_state(state_dir)
-    loaded = _digest(acc.unwrap_model(model), opt.optimizer)
-    same = set(loaded) == set(good) and all(
-        torch.equal(loaded[k], v) if isinstance(v, torch.Tensor) else loaded[k] == v for k, v in good.items()
-    )
+    loaded = digest(acc.unwrap_model(model), opt.optimizer)
+    same = differences(loaded, good) == []
     return died, same, plugin.step
 
 
