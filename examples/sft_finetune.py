@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # share finetune.py's model and data helpers
-from finetune import DEFAULT_MODEL, load_model_and_tokenizer, load_texts  # noqa: E402
-from trainer_finetune import _StateOnly  # noqa: E402
+from finetune import load_model_and_tokenizer, load_texts  # noqa: E402
+from trainer_finetune import _StateOnly, argument_parser  # noqa: E402
 
 from hiermoe_hf.accelerate import HierMoEPlugin  # noqa: E402
 from hiermoe_hf.trainer import HierMoECallback  # noqa: E402
@@ -32,22 +32,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # attention: LoRA on th
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="Hub name or local folder; default: " + DEFAULT_MODEL)
-    p.add_argument("--dataset", default=None, help="datasets name or local files; default: built-in corpus")
-    p.add_argument("--dataset-split", default="train")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--dispatch", default=None)
-    p.add_argument("--topology", default=None)
-    p.add_argument("--swap-interval", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=20)
-    p.add_argument("--output-dir", default="outputs/sft_finetune")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p = argument_parser(__doc__.split("\n\n")[0], 20, "outputs/sft_finetune")
     p.add_argument("--lora", action="store_true", help="LoRA adapters on attention instead of full fine-tuning")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 

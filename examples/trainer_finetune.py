@@ -37,8 +37,9 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def argument_parser(description: str, max_steps: int, output_dir: str) -> argparse.ArgumentParser:
+    """The flags of the Trainer examples (this one and examples/sft_finetune.py)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=None, help="Hub name or local folder; default: " + DEFAULT_MODEL)
     p.add_argument("--dataset", default=None, help="datasets name or local files; default: built-in corpus")
     p.add_argument("--dataset-split", default="train")
@@ -46,14 +47,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dispatch", default=None)
     p.add_argument("--topology", default=None)
     p.add_argument("--swap-interval", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=30)
-    p.add_argument("--output-dir", default="outputs/trainer_finetune")
+    p.add_argument("--max-steps", type=int, default=max_steps)
+    p.add_argument("--output-dir", default=output_dir)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return argument_parser(__doc__.split("\n\n")[0], 30, "outputs/trainer_finetune").parse_args(argv)
 
 
 def main(argv=None) -> None:
