@@ -75,7 +75,9 @@ def world_exchange(device, dtype, s: dict, kernels: str, busy_elems: int) -> dic
     from hiermoe_hf.kernels import select_ops
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kw = {"device_id": device} if device.type == "cuda" else {}
+    kw = {}
+    if device.type == "cuda":  # NCCL binds an indexed GPU: a bare torch.device("cuda") is refused
+        kw["device_id"] = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, **kw)
     try:
         experts = experts_module(s["E"], s["H"], s["I"], s["K"], device, dtype)

@@ -50,6 +50,33 @@ def test_only_sync_warnings_count():
     assert sync_warnings(caught) == ["called a synchronizing CUDA operation"]
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_one_rank_nccl_world_binds_an_indexed_gpu(monkeypatch):
+    """gpu_check passes ``torch.device("cuda")``; ``init_process_group(device_id=...)`` refuses a GPU
+    without an index ("Please use a device_id with index."), which would fail phase (a) on the GPU."""
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_check_ranks import world_exchange
+
+    seen = {}
+
+    def init(backend, **kwargs):
+        seen.update(kwargs, backend=backend)
+        raise _Stop
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    try:
+        world_exchange(torch.device("cuda"), torch.bfloat16, {}, "triton", 1)
+    except _Stop:
+        pass
+    assert seen["backend"] == "nccl" and seen["device_id"] == torch.device("cuda", 0), seen
+
+
 def test_gpu_check_refuses_without_gpu(tmp_path):
     if torch.cuda.is_available():
         return
