@@ -49,7 +49,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_rank_layer(x, ids, w, experts, E, strategy, chunks, ops, group):
+def _one_rank_layer(x, ids, w, experts, E, strategy, chunks, ops, group, busy_elems: int = 0):
+    """The pipelined layer through one-rank-world collectives -> (out, the busy all_reduce's Work or
+    None). ``busy_elems`` > 0: an async all_reduce of that many floats is queued on the communicator
+    after the count exchange (which the host waits for) and before the row exchanges, so those run
+    after it and a read of a receive buffer that skips its wait sees unfinished data."""
     from hiermoe_hf.exchange.dispatcher import ExchangePlan
     from hiermoe_hf.exchange.experts import local_experts_forward
     from hiermoe_hf.exchange.layer_counts import Fixed, exchange_chunk_counts
@@ -60,12 +64,13 @@ def _one_rank_layer(x, ids, w, experts, E, strategy, chunks, ops, group):
     plan = ExchangePlan.build(topo, _WorldGroups(), strategy, E)
     counts = exchange_chunk_counts(topo, group, 0, Fixed(strategy), list(torch.tensor_split(ids // E, chunks)),
                                    x.shape[1] * x.element_size())
+    busy = dist.all_reduce(torch.ones(busy_elems, device=x.device), async_op=True) if busy_elems else None
 
     def experts_fn(x_R, phys_R, w_R, arriving):
         return local_experts_forward(experts, x_R, phys_R, w_R, E, ops, arriving)[0]
 
     out, _, _ = pipelined_layer(x, ids, w, plan, ops, counts, experts_fn, None)
-    return out
+    return out, busy
 
 
 def world_exchange(device, dtype, s: dict, kernels: str, busy_elems: int) -> dict:
@@ -83,29 +88,27 @@ def world_exchange(device, dtype, s: dict, kernels: str, busy_elems: int) -> dic
         experts = experts_module(s["E"], s["H"], s["I"], s["K"], device, dtype)
         ops = select_ops(kernels, device)
         ids, w = routing(s["T"], s["E"], s["K"], device, dtype)
-        x = torch.randn(s["T"], s["H"], device=device, dtype=dtype)
-        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        ref = type(experts).forward(experts, xr, ids, wr)
-        gy = torch.randn_like(ref)
-        ref.backward(gy)
+        x0 = torch.randn(s["T"], s["H"], device=device, dtype=dtype)
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         rows = []
-        for busy in (False, True):
-            for strategy in ("hd1", "hd2"):
-                for chunks in (1, 2, 4):
-                    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-                    work = None
-                    if busy:  # queued first on the same communicator: an unwaited read sees garbage
-                        big = torch.ones(busy_elems, device=device)
-                        work = dist.all_reduce(big, async_op=True)
-                    out = _one_rank_layer(xs, ids, ws, experts, s["E"], strategy, chunks, ops, dist.group.WORLD)
-                    out.backward(gy)
-                    if work is not None:
-                        work.wait()
-                    errs = {"out": rel(out.detach(), ref.detach()), "grad_x": rel(xs.grad, xr.grad),
-                            "grad_w": rel(ws.grad, wr.grad)}
-                    rows.append({"busy": busy, "strategy": strategy, "chunks": chunks, **errs,
-                                 "ok": max(errs.values()) <= tol})
+        cases = [(b, st, c) for b in (False, True) for st in ("hd1", "hd2") for c in (1, 2, 4)]
+        for i, (busy, strategy, chunks) in enumerate(cases):
+            # inputs of their own per case: a receive buffer the allocator hands back still holds the
+            # previous case's rows, which an unwaited read would otherwise take for correct ones
+            x = x0 * (1 + i)
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            ref = type(experts).forward(experts, xr, ids, wr)
+            gy = torch.randn_like(ref)
+            ref.backward(gy)
+            xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+            out, work = _one_rank_layer(xs, ids, ws, experts, s["E"], strategy, chunks, ops, dist.group.WORLD,
+                                        busy_elems if busy else 0)
+            out.backward(gy)
+            if work is not None:
+                work.wait()
+            errs = {"out": rel(out.detach(), ref.detach()), "grad_x": rel(xs.grad, xr.grad),
+                    "grad_w": rel(ws.grad, wr.grad)}
+            rows.append({"busy": busy, "strategy": strategy, "chunks": chunks, **errs, "ok": max(errs.values()) <= tol})
         return {"backend": backend, "cases": rows, "ok": all(r["ok"] for r in rows)}
     finally:
         dist.destroy_process_group()
@@ -124,7 +127,11 @@ def _shared_rank(rank: int, world: int, init: str, cuda: bool, steps: int, queue
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         torch.manual_seed(0)
-        model = build_model(tiny_qwen3_moe_config(hidden_size=256, moe_intermediate_size=128)).to(device).train()
+        # bf16 on the GPU: the grouped GEMM runs (fp32 takes the per-slot loop and its extra read per
+        # layer and chunk, outside this budget; check_layer's fp32 case has its own)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        model = build_model(tiny_qwen3_moe_config(hidden_size=256, moe_intermediate_size=128), dtype=dtype)
+        model = model.to(device).train()
         kernels = "triton" if cuda else "torch"
         hiermoe_hf.patch(model, hiermoe_hf.HierMoEConfig(topology="2x2", kernels=kernels, cost_model=None))
         meter = TrafficMeter(model)
@@ -162,7 +169,7 @@ def _shared_rank(rank: int, world: int, init: str, cuda: bool, steps: int, queue
             dist.destroy_process_group()
 
 
-def shared_gpu_ranks(cuda: bool, world: int = 4, steps: int = 8, timeout: float = 150) -> dict:
+def shared_gpu_ranks(cuda: bool, world: int = 4, steps: int = 8, timeout: float = 90) -> dict:
     """(b): 4 spawned ranks on one GPU over gloo; per MoE layer <= 1 forward sync, 0 backward."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

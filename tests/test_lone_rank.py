@@ -67,3 +67,33 @@ def test_a_lone_rank_raises_within_the_timeout(pool, tmp_path):
         assert "called on some ranks only" in msg and "call it on every rank" in msg, msg
         assert "HIERMOE_COLLECTIVE_TIMEOUT" in msg
     assert "forward" in rank0["forward"][0] and "save_pretrained" in rank0["save"][0]
+
+
+class _NcclLikeWork:
+    """A CUDA collective's Work as ProcessGroupNCCL has it: ``wait(timeout)`` would sleep 1 ms between
+    checks (so the bounded wait must not call it), ``is_completed`` is an event query."""
+
+    def __init__(self, completes_after: int | None):
+        self.queries, self.completes_after, self.waited = 0, completes_after, False
+
+    def is_completed(self) -> bool:
+        self.queries += 1
+        return self.completes_after is not None and self.queries > self.completes_after
+
+    def wait(self, timeout=None) -> bool:
+        assert timeout is None, "Work.wait(timeout) on NCCL sleeps 1 ms between checks"
+        self.waited = True
+        return True
+
+
+def test_cuda_collectives_are_polled_not_waited_with_a_timeout():
+    from hiermoe_hf.exchange import bounded
+
+    work = _NcclLikeWork(completes_after=3)
+    bounded.wait(work, TIMEOUT, "a MoE layer's forward (its count exchange)", torch.device("cuda", 0))
+    assert work.queries == 4 and work.waited  # then the stream-ordering wait, which the host does not block on
+    never = _NcclLikeWork(completes_after=None)
+    t0 = time.monotonic()
+    with pytest.raises(CollectiveTimeout, match="save_pretrained"):
+        bounded.wait(never, 0.05, "save_pretrained", torch.device("cuda", 0))
+    assert 0.05 <= time.monotonic() - t0 < 1.0 and not never.waited

@@ -69,9 +69,16 @@ def executor_provenance_job(kind):
         # 6 on rank 1 and 1 on rank 0 (inside node 0)
         [(names[0], 7, 2), (names[0], 0, 3), (names[1], 6, 1)],
     ]
-    for swaps in rounds:
-        execute_swaps(model, swaps, opt)
-    bad = []
+    import hiermoe_hf.swap.executor as executor
+
+    staged, chosen = [], executor.comm_device
+    executor.comm_device = lambda like: staged.append(chosen(like)) or staged[-1]  # the buffers' device
+    try:
+        for swaps in rounds:
+            execute_swaps(model, swaps, opt)
+    finally:
+        executor.comm_device = chosen
+    bad = [] if staged and set(staged) == {torch.device("cpu")} else [f"send buffers staged on {staged}"]
     rank, e = dist.get_rank(), 2
     for li, name in enumerate(names):
         experts, layer = layers[name]

@@ -66,7 +66,7 @@ def new_save_id(timeout_s: float) -> str:
     if world == 1:
         return raw.hex()
     box = torch.tensor(list(raw), dtype=torch.int64, device=_device())
-    bounded.wait(dist.broadcast(box, src=0, async_op=True), timeout_s, "a checkpoint save (save_state)")
+    bounded.wait(dist.broadcast(box, src=0, async_op=True), timeout_s, "a checkpoint save (save_state)", box.device)
     return bytes(box.tolist()).hex()
 
 
@@ -213,7 +213,8 @@ def agree(problems: list[str], timeout_s: float) -> None:
     texts = list(problems)
     if world > 1:
         count = torch.tensor([len(problems)], dtype=torch.int64, device=_device())
-        bounded.wait(dist.all_reduce(count, async_op=True), timeout_s, "a checkpoint load (load_state / resume)")
+        bounded.wait(dist.all_reduce(count, async_op=True), timeout_s, "a checkpoint load (load_state / resume)",
+                     count.device)
         if int(count.item()) == 0:
             return
         gathered = [None] * world

@@ -232,7 +232,7 @@ def _check_same_plan(
     mine = torch.tensor(list(digest.digest()), dtype=torch.int64, device=device)
     seen = [torch.empty_like(mine) for _ in range(world)]
     work = dist.all_gather(seen, mine, async_op=True)
-    bounded.wait(work, timeout_s, "save_pretrained (a collective save: every rank calls it, rank 0 writes)")
+    bounded.wait(work, timeout_s, "save_pretrained (a collective save: every rank calls it, rank 0 writes)", device)
     if not all(torch.equal(s, mine) for s in seen):
         raise ValueError("ranks disagree on the checkpoint layout (different models or placements on different ranks)")
 

@@ -210,8 +210,9 @@ def exchange_chunk_counts(
     or both; around a ``Fixed``/``Priced`` base when it times only the chunks): which strategies to count
     (``counting``), this rank's extra int64 slots summed with the counts (``extra``: a trial's
     timing), and the strategy with its predicted ms per candidate or None, from what the host read
-    (``pick(summed_extra, Counted)``). ``timeout_s``: how long to wait for the other ranks' counts (``exchange/bounded.py``)
-    before raising: the wait blocks no longer than the host read that follows it would.
+    (``pick(summed_extra, Counted)``). ``timeout_s``: how long to wait for the other ranks' counts
+    (``exchange/bounded.py``) before raising: the wait blocks no longer than the host read that
+    follows it would.
     """
     candidates = choice.counting
     C, W = len(dest_chunks), topology.world_size
@@ -222,7 +223,7 @@ def exchange_chunk_counts(
     flat = torch.cat([extra_X, flat_CN.reshape(-1)])
     if group is not None:
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        bounded.wait(work, timeout_s, "a MoE layer's forward (its count exchange)")
+        bounded.wait(work, timeout_s, "a MoE layer's forward (its count exchange)", flat.device)
     host = flat.tolist()  # the layer's one device-to-host read
     counted = Counted(topology, tuple(candidates), row_bytes, C, host[X:])
     choice_name, predicted = choice.pick(host[:X], counted)

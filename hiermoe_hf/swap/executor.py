@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from hiermoe_hf.exchange.devices import comm_device
 from hiermoe_hf.runtime.registry import moe_layers, runtime_of
 
 
@@ -184,7 +185,9 @@ def execute_swaps(model: torch.nn.Module, swaps: Sequence[tuple[str, int, int]],
             for t in tensors[name]:
                 send.setdefault(peer, []).append(_as_bytes(t[slot]))
                 targets.setdefault(peer, []).append((t, slot))
-        send_buf = {peer: torch.cat(parts) for peer, parts in send.items()}
+        # gloo's send/recv read host memory only: CUDA experts under gloo travel through the CPU; under
+        # NCCL the buffers stay on the experts' GPU (comm_device)
+        send_buf = {peer: torch.cat(parts).to(comm_device(parts[0])) for peer, parts in send.items()}
         recv_buf = {peer: torch.empty_like(buf) for peer, buf in send_buf.items()}
         _exchange(send_buf, recv_buf, rt.global_of)
         for peer, fills in targets.items():
