@@ -7,8 +7,8 @@ import torch
 
 from hiermoe_hf.checkpoint.save import bind_collective_save
 from hiermoe_hf.config import HierMoEConfig
-from hiermoe_hf.runtime.patch import patch_experts, unpatch
 from hiermoe_hf.runtime.guards import patch_target
+from hiermoe_hf.runtime.patch import patch_experts, unpatch
 
 __all__ = ["patch", "unpatch"]
 

@@ -62,7 +62,8 @@ def _plan_param_names(config, module_name: str) -> tuple[str, ...]:
     out = []
     for key, how in plan.items():
         owner, _, param = key.rpartition(".")
-        if how == "grouped_gemm" and (fnmatch.fnmatch(module_name, owner) or fnmatch.fnmatch(module_name, "*." + owner)):
+        matches = fnmatch.fnmatch(module_name, owner) or fnmatch.fnmatch(module_name, "*." + owner)
+        if how == "grouped_gemm" and matches:
             out.append(param)
     return tuple(out)
 

@@ -4,9 +4,10 @@
 Runs the README's fine-tuning example (``examples/finetune.py --max-steps N``) on the emulated
 cluster (``scripts/emulate_cluster``: 2 nodes x 2 ranks, one process group per run) for every
 configuration at every link rate, the configurations interleaved in each repetition so they share
-the machine's conditions (every other repetition in reverse order), and reads the summary's throughput and strategies. ``--old-repo`` adds
-the same example from another checkout (e.g. the commit before a change) to the same run. Prints a
-table per rate and writes every run to ``--out`` (JSON). Needs root (network namespaces).
+the machine's conditions (every other repetition in reverse order), and reads the summary's
+throughput and strategies. ``--old-repo`` adds the same example from another checkout (e.g. the
+commit before a change) to the same run. Prints a table per rate and writes every run to ``--out``
+(JSON). Needs root (network namespaces).
 
     sudo .venv/bin/python scripts/bench_auto.py --rates 200mbit,1gbit --reps 3 --old-repo /tmp/old \
         --out docs/auto_benchmark.json

@@ -152,7 +152,8 @@ def worker(args, group: str) -> dict:
             if group != "hf":
                 st = hiermoe_hf.stats(model)
                 layer = next(iter(st.values()))
-                entry["strategy"] = layer["strategy"] + (f" x{layer['overlap_chunks']}" if "overlap_chunks" in layer else "")
+                chunks = f" x{layer['overlap_chunks']}" if "overlap_chunks" in layer else ""
+                entry["strategy"] = layer["strategy"] + chunks
                 entry["measured_ms_by_chunks"] = layer.get("measured_ms_by_chunks")
                 inter = [s for s in layer["stages"] if s["name"] in ("inter-node", "flat")]
                 mine = torch.tensor([float(sum(s["bytes_sent"] for s in inter))])

@@ -354,7 +354,8 @@ def _train_checkpointed_chunks(slow_chunks: int, steps: int) -> list[list[tuple]
         for i in range(steps):
             ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(100 * i + dist.get_rank()))
             model(ids, labels=ids).loss.backward()
-            runs.append([(v["strategy"], v["overlap_chunks"], v["recompute"]) for v in hiermoe_hf.stats(model).values()])
+            stats = hiermoe_hf.stats(model).values()
+            runs.append([(v["strategy"], v["overlap_chunks"], v["recompute"]) for v in stats])
         return runs
 
 

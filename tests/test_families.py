@@ -1,25 +1,27 @@
 """Every MoE family through the generic experts-interface path (issue 17 items 1, 3, 4, 7).
 
-Each family's tiny model is built from its own Transformers config class (``hiermoe_hf.tiny_families``).
-On 4 gloo ranks as 2x2, with ``hd2`` or ``a2a`` (alternating over the families), the patched model is checked against the
-unpatched Transformers model in one process on the global batch (each rank's slice: logits, loss,
-aux loss of the first step; AdamW over the global batch, loss averaged over the 4 slices: every
-parameter after 2 steps, one forced expert swap between them), and its ``save_pretrained`` output
-loads in plain Transformers and equals the trained model. float64 (the loop runs the local experts:
-``grouped_mm`` has no float64 kernel; the fp32 grouped path is checked against Transformers in
-``test_grouped_experts.py``): in fp32, AdamW's per-element normalisation turns summation-order
-noise of near-zero gradients into 1e-4 parameter differences (``test_ep_groups.py``), which would
-hide a real error; in float64 the tolerance is 1e-5 relative with ~1e-7 measured. Parameter elements
-whose first reference gradient is rounding noise (``_signal``: some of DeepSeek-V4's float32
-hyper-connection entries, unused embedding rows) are left out of the parameter check: AdamW turns that
-noise into +-lr steps of random sign, in any two runs that sum in different orders. Parameters a
-family keeps in float32 inside the float64 model (DeepSeek-V4's hyper-connections) are checked at
-1e-3: two float32 AdamW runs differ by that much (6.7e-4 measured after 2 steps; 1.3e-4 after 3 in
-``test_ep_groups.py``), their logits and loss stay within 1e-5.
+Each family's tiny model is built from its own Transformers config class
+(``hiermoe_hf.tiny_families``). On 4 gloo ranks as 2x2, with ``hd2`` or ``a2a`` (alternating over
+the families), the patched model is checked against the unpatched Transformers model in one process
+on the global batch (each rank's slice: logits, loss, aux loss of the first step; AdamW over the
+global batch, loss averaged over the 4 slices: every parameter after 2 steps, one forced expert swap
+between them), and its ``save_pretrained`` output loads in plain Transformers and equals the trained
+model. float64 (the loop runs the local experts: ``grouped_mm`` has no float64 kernel; the fp32
+grouped path is checked against Transformers in ``test_grouped_experts.py``): in fp32, AdamW's
+per-element normalisation turns summation-order noise of near-zero gradients into 1e-4 parameter
+differences (``test_ep_groups.py``), which would hide a real error; in float64 the tolerance is 1e-5
+relative with ~1e-7 measured. Parameter elements whose first reference gradient is rounding noise
+(``_signal``: some of DeepSeek-V4's float32 hyper-connection entries, unused embedding rows) are
+left out of the parameter check: AdamW turns that noise into +-lr steps of random sign, in any two
+runs that sum in different orders. Parameters a family keeps in float32 inside the float64 model
+(DeepSeek-V4's hyper-connections) are checked at 1e-3: two float32 AdamW runs differ by that much
+(6.7e-4 measured after 2 steps; 1.3e-4 after 3 in ``test_ep_groups.py``), their logits and loss stay
+within 1e-5.
 
 Compositions (item 4) on three unlike families (gpt-oss: biases, transposed, clamped interleaved
-gate; Nemotron-H: no gate, hybrid Mamba; Mixtral): ``overlap_chunks=2``, ``ep_size=2``, FSDP2 on the dense part (``shard_dense``), gradient
-checkpointing, ``stats`` (every run) and greedy ``generate`` with ranks finishing at different steps.
+gate; Nemotron-H: no gate, hybrid Mamba; Mixtral): ``overlap_chunks=2``, ``ep_size=2``, FSDP2 on the
+dense part (``shard_dense``), gradient checkpointing, ``stats`` (every run) and greedy ``generate``
+with ranks finishing at different steps.
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ def family_job(family: str, strategy: str, variant: str | None, save_dir: str | 
         if step == 0:  # stats: one entry per patched block, this rank's tokens, every selection counted
             st = hiermoe_hf.stats(model)
             err["stats"] = sorted(st) == sorted(names) and all(
-                v["tokens"] == x.numel() and int(sum(v["load_per_rank"])) == x.numel() * out_k(model) for v in st.values()
+                v["tokens"] == x.numel() and int(sum(v["load_per_rank"])) == x.numel() * out_k(model)
+                for v in st.values()
             )
         hiermoe_hf.all_reduce_gradients(model)
         opt.step()
@@ -175,9 +178,11 @@ def family_job(family: str, strategy: str, variant: str | None, save_dir: str | 
                 err[f"load_{layout}"] = failed
                 continue
             try:
-                loaded = model_class(model.config).from_pretrained(os.path.join(save_dir, layout), dtype=torch.float64)
+                folder = os.path.join(save_dir, layout)
+                loaded = model_class(model.config).from_pretrained(folder, dtype=torch.float64)
                 got = dict(loaded.named_parameters())
-                err[f"load_{layout}"] = max(_rel(got[n], p) for n, p in trained.items()) if got.keys() == trained.keys() else 1.0
+                same_keys = got.keys() == trained.keys()
+                err[f"load_{layout}"] = max(_rel(got[n], p) for n, p in trained.items()) if same_keys else 1.0
             except Exception as e:  # noqa: BLE001  (reported with the family's name by the assertion)
                 err[f"load_{layout}"] = f"{type(e).__name__}: {str(e)[:300]}"
     dist.barrier()
@@ -210,7 +215,8 @@ def _gather_full(model) -> dict:
     gathered, experts all-gathered and put in logical order."""
     from torch.distributed.tensor import DTensor
 
-    full = {n: p.detach().full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in model.named_parameters()}
+    params = model.named_parameters()
+    full = {n: p.detach().full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in params}
     for experts, layer in moe_layers(model).values():
         for pname in layer.param_names:
             local = getattr(experts, pname).detach()

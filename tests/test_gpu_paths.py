@@ -20,18 +20,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from sync_watch import SyncWatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hiermoe_hf
-from hiermoe_hf.exchange import experts as experts_mod
-from hiermoe_hf.exchange.devices import choose_comm_device, fsdp2_device_map
-from hiermoe_hf.kernels import TORCH_OPS, reference, triton_combine, triton_layout, triton_pack, triton_rows
 from hiermoe_hf.cost.auto import Priced
 from hiermoe_hf.cost.model import default_cost_model
+from hiermoe_hf.exchange import experts as experts_mod
+from hiermoe_hf.exchange.devices import choose_comm_device, fsdp2_device_map
 from hiermoe_hf.exchange.layer_counts import exchange_chunk_counts
+from hiermoe_hf.kernels import TORCH_OPS, reference, triton_combine, triton_layout, triton_pack, triton_rows
 from hiermoe_hf.tiny_models import build_model, tiny_qwen3_moe_config
 from hiermoe_hf.topology import Topology
-from sync_watch import SyncWatch
 
 KERNELS = {
     triton_rows: ("_gather_rows_kernel", "_segment_sum_kernel"),

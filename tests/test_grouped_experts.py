@@ -126,10 +126,11 @@ def test_experts_class_flags_match_transformers(family):
     ref = run(lambda xg, wg: type(experts).forward(experts, xg, phys.clamp(min=0), wg))
     assert set(ref[3]) >= set(names) and all(ref[3][n].abs().max() > 0 for n in ref[3])
     for grouped in (True, False):
-        got = run(lambda xg, wg: ex.local_experts_forward(
+        got = run(lambda xg, wg, grouped=grouped: ex.local_experts_forward(
             experts, xg, phys, wg, E, TORCH_OPS, int((phys >= 0).sum()), grouped)[0])
         for a, b in zip(got[:3], ref[:3]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert got[3].keys() == ref[3].keys()
         for n in ref[3]:
-            torch.testing.assert_close(got[3][n], ref[3][n], rtol=1e-5, atol=1e-5, msg=f"{family} {n} grouped={grouped}")
+            torch.testing.assert_close(got[3][n], ref[3][n], rtol=1e-5, atol=1e-5,
+                                       msg=f"{family} {n} grouped={grouped}")

@@ -54,3 +54,17 @@ def test_no_two_folders_import_each_other():
     edges = _folder_imports(Path(hiermoe_hf.__file__).parent)
     both_ways = sorted({tuple(sorted((a, b))) for a, to in edges.items() for b in to if a in edges.get(b, ())})
     assert both_ways == [], both_ways
+
+
+def test_ruff_is_clean():
+    """The project's lint rules (pyproject.toml [tool.ruff]) hold over every Python file (ruff: dev extra)."""
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists():
+        import pytest
+
+        pytest.skip("ruff is not installed beside this Python (pip install -e .[dev])")
+    # the directories, and the Python scripts without a .py suffix (ruff skips those in a directory)
+    paths = ["hiermoe_hf", "patches", "scripts", "examples", "tests", "scripts/gpu_check", "scripts/demo"]
+    out = subprocess.run([str(ruff), "check", *[p for p in paths if (REPO / p).exists()]], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:]

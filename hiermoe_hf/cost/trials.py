@@ -266,7 +266,9 @@ class StrategyTrials:
         """Restore what ``state_text`` wrote (the same candidates and chunk options, else ValueError)."""
         saved = json.loads(text)
         if tuple(saved["candidates"]) != self.candidates:
-            raise ValueError(f"the checkpoint timed {saved['candidates']}, but this run's candidates are {self.candidates}")
+            raise ValueError(
+                f"the checkpoint timed {saved['candidates']}, but this run's candidates are {self.candidates}"
+            )
         if tuple(saved.get("chunk_options", [1])) != self.chunk_options:
             raise ValueError(
                 f"the checkpoint timed overlap_chunks {saved.get('chunk_options', [1])}, but this run's are "

@@ -3,12 +3,12 @@
 Every rank otherwise holds the whole dense part (attention, embeddings, shared experts, dense MLPs,
 routers) with its optimizer state: about 17 B parameters for DeepSeek-V3. ``shard_dense`` applies
 ``torch.distributed.fsdp.fully_shard`` to each decoder layer and then to the root over all ranks (a
-1-D mesh of all W ranks, whatever ``ep_size``), with the expert slices in ``ignored_params``: they stay plain rank-local Parameters,
-exchanged by the patched forward as before. Dense parameters become DTensors sharded on dim 0;
-FSDP2 all-gathers a layer's dense weights for its forward and backward and reduce-scatters their
-gradients (averaged over ranks), which is DDP's semantics (DESIGN.md section 6). Expert gradients
-already sum every rank's tokens and are divided by W by ``all_reduce_gradients`` (hand-written
-loops) or the plugin's gradient hooks.
+1-D mesh of all W ranks, whatever ``ep_size``), with the expert slices in ``ignored_params``: they
+stay plain rank-local Parameters, exchanged by the patched forward as before. Dense parameters
+become DTensors sharded on dim 0; FSDP2 all-gathers a layer's dense weights for its forward and
+backward and reduce-scatters their gradients (averaged over ranks), which is DDP's semantics
+(DESIGN.md section 6). Expert gradients already sum every rank's tokens and are divided by W by
+``all_reduce_gradients`` (hand-written loops) or the plugin's gradient hooks.
 """
 
 from __future__ import annotations

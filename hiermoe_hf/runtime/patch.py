@@ -37,7 +37,8 @@ def _shard(experts: torch.nn.Module, names: tuple[str, ...], local_ids: torch.Te
 
 
 def patch_experts(model: torch.nn.Module, config: HierMoEConfig | None, experts_are_local: bool) -> torch.nn.Module:
-    """``hiermoe_hf.patch`` without the collective save (``hiermoe_hf/api.py`` binds it); ``experts_are_local``: the experts modules already hold only this rank's slots
+    """``hiermoe_hf.patch`` without the collective save (``hiermoe_hf/api.py`` binds it);
+    ``experts_are_local``: the experts modules already hold only this rank's slots
     (``hiermoe_hf.from_pretrained`` loaded them so), in the contiguous placement."""
     if config is not None and not isinstance(config, HierMoEConfig):
         raise TypeError(f"config must be a hiermoe_hf.HierMoEConfig, got {type(config).__name__}")

@@ -94,7 +94,8 @@ class HierMoEPlugin:
         default=None, metadata=_help("'ddp' (dense part replicated, default) or 'fsdp2' (hiermoe_hf.shard_dense)")
     )
     collective_timeout_s: float | None = field(
-        default=None, metadata=_help("seconds a rank waits for the others in a package collective (HIERMOE_COLLECTIVE_TIMEOUT)")
+        default=None,
+        metadata=_help("seconds a rank waits for the others in a package collective (HIERMOE_COLLECTIVE_TIMEOUT)"),
     )
 
     def __post_init__(self) -> None:
