@@ -4,8 +4,8 @@ The choice rides on the layer's one count exchange (``exchange.layer_counts``): 
 contribution to every candidate's per-stage counts is all-reduced, read with the split sizes and
 priced on the host, and the cheapest wins, ties going to the earlier candidate. Identical inputs and
 identical float arithmetic on every rank mean every rank picks the same strategy without another
-collective. The patched
-forward calls ``exchange_counts`` directly; ``pick_strategy`` is the same choice as a function.
+collective. The patched forward calls ``exchange_counts`` directly; ``pick_strategy`` is the same
+choice as a function.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
 """Bounded waits for the package's own collectives: a lone rank raises instead of hanging.
 
-A collective that only some ranks reach (``if accelerator.is_main_process: model.save_pretrained(...)``,
-an evaluation forward on the main process only) otherwise waits until the process group's timeout
-(30 minutes by default) and then fails without saying why. The package's collectives are started with
-``async_op=True`` and waited for with ``Work.wait(timeout)``: on gloo that raises after the timeout
-(checked on this machine); on NCCL, a wait given a timeout blocks the host until the work completes or
-the timeout passes (then it aborts the communicator and raises), but it checks every millisecond (it sleeps between
-event queries), so a count exchange that completes in 50 us would cost the layer up to 1 ms. On CUDA
-tensors the wait therefore polls ``Work.is_completed`` (an event query) itself against the deadline,
-then ``Work.wait()`` orders the current stream after the collective. Where this is used on the hot
-path (the layer's count exchange) the host reads the result right after anyway, so the wait adds no
-collective and no host sync. After a timeout the process group is unusable (the lone collective is
-still pending): the error says to fix the call site and restart.
+A collective that only some ranks reach (``if accelerator.is_main_process:
+model.save_pretrained(...)``, an evaluation forward on the main process only) otherwise waits until
+the process group's timeout (30 minutes by default) and then fails without saying why. The package's
+collectives are started with ``async_op=True`` and waited for with ``Work.wait(timeout)``: on gloo
+that raises after the timeout (checked on this machine); on NCCL, a wait given a timeout blocks the
+host until the work completes or the timeout passes (then it aborts the communicator and raises),
+but it checks every millisecond (it sleeps between event queries), so a count exchange that
+completes in 50 us would cost the layer up to 1 ms. On CUDA tensors the wait therefore polls
+``Work.is_completed`` (an event query) itself against the deadline, then ``Work.wait()`` orders the
+current stream after the collective. Where this is used on the hot path (the layer's count exchange)
+the host reads the result right after anyway, so the wait adds no collective and no host sync. After
+a timeout the process group is unusable (the lone collective is still pending): the error says to
+fix the call site and restart.
 
 The timeout is ``HierMoEConfig.collective_timeout_s``; None there means ``HIERMOE_COLLECTIVE_TIMEOUT``
 (seconds), else ``DEFAULT_TIMEOUT_S`` (10 minutes: longer than a slow rank's checkpoint write or a
